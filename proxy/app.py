@@ -1,0 +1,79 @@
+"""create_app(config): routes, middlewares and the lifetimes of shared resources."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from proxy import handlers
+from proxy.config import Config
+from proxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, error_response
+from proxy.records import RecordSink
+from proxy.state import STATE, ProxyState
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves in OpenAI's format, including aiohttp's own 404/405/413."""
+    try:
+        return await handler(request)
+    except ProxyError as e:
+        return error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(_as_proxy_error(request, e))
+
+
+def _as_proxy_error(request: web.Request, e: web.HTTPException) -> ProxyError:
+    if e.status == 404:
+        return NotFound(f"Unknown endpoint {request.method} {request.path}.", code="unknown_url")
+    if e.status == 405:
+        allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
+        return MethodNotAllowed(
+            f"Method {request.method} is not allowed on {request.path}; use {allowed or 'another method'}.",
+            code="method_not_allowed",
+        )
+    if e.status == 413:
+        return PayloadTooLarge(f"The request body is too large ({e.reason}).", code="request_too_large")
+    err = ProxyError(e.reason or "HTTP error", code=None)
+    err.status = e.status
+    return err
+
+
+def create_app(config: Config, *, sink: RecordSink | None = None, rng: random.Random | None = None) -> web.Application:
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[openai_errors])
+    state = ProxyState.build(config, rng)
+    if sink is not None:
+        state.sink = sink
+    app[STATE] = state
+    app.cleanup_ctx.append(_upstream_session)
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
+    app.router.add_get("/v1/models", handlers.list_models)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_route("*", "/v1/{tail:.*}", handlers.unknown_v1)
+    return app
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    connector = aiohttp.TCPConnector(
+        limit=sum(t.max_connections for t in state.config.tiers),
+        limit_per_host=0,
+        ttl_dns_cache=300,
+        keepalive_timeout=30,
+    )
+    # Accept-Encoding is not sent: the body is relayed as is, and identity costs no CPU to decode.
+    session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("Accept-Encoding",))
+    state.session = session
+    try:
+        yield
+    finally:
+        state.session = None
+        await session.close()

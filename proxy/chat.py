@@ -1,0 +1,90 @@
+"""The client's chat-completions body: parsed once, checked only as far as routing needs.
+
+Everything else in the body is the upstream's business and is forwarded untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.errors import BadRequest
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    payload: dict[str, Any]
+    model: str | None
+    stream: bool
+    client_wants_usage: bool
+    size: int
+
+
+def parse_chat_body(raw: bytes) -> ChatRequest:
+    if not raw.strip():
+        raise BadRequest("The request body is empty: send a JSON object with at least 'messages'.", code="invalid_body")
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(
+            f"The request body is not valid JSON ({e.msg} at byte {e.pos}); send a JSON object "
+            "with 'Content-Type: application/json'.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(payload, dict):
+        raise BadRequest(f"The request body must be a JSON object, not {_json_type(payload)}.", code="invalid_body")
+    _check_messages(payload.get("messages"))
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(f"'model' must be a string, not {_json_type(model)}.", param="model", code="invalid_type")
+    stream = payload.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequest(
+            f"'stream' must be true or false, not {_json_type(stream)}.", param="stream", code="invalid_type"
+        )
+    wants_usage = False
+    options = payload.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise BadRequest("'stream_options' must be an object.", param="stream_options", code="invalid_type")
+        wants_usage = options.get("include_usage") is True
+    return ChatRequest(payload, model, stream, wants_usage, len(raw))
+
+
+def _check_messages(messages: object) -> None:
+    if messages is None:
+        raise BadRequest("Missing required parameter: 'messages'.", param="messages", code="missing_required")
+    if not isinstance(messages, list):
+        raise BadRequest(
+            f"'messages' must be an array of message objects, not {_json_type(messages)}.",
+            param="messages",
+            code="invalid_type",
+        )
+    if not messages:
+        raise BadRequest("'messages' must contain at least one message.", param="messages", code="empty_array")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise BadRequest(
+                f"'messages[{i}]' must be an object with a string 'role'.",
+                param=f"messages[{i}]",
+                code="invalid_type",
+            )
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(type(value), "a number")
+
+
+def ask_for_usage(req: ChatRequest) -> bool:
+    """Make a stream report usage; True when the client did not ask, so the proxy must hide it."""
+    if not req.stream or req.client_wants_usage:
+        return False
+    options = req.payload.get("stream_options")
+    req.payload["stream_options"] = {**(options or {}), "include_usage": True}
+    return True

@@ -1,0 +1,103 @@
+"""Command line: argument parsing and dispatch only; the work lives in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy.config import Config, ConfigError, load_config
+
+DEFAULT_CONFIG = "proxy.yaml"
+log = logging.getLogger("proxy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proxy", description="OpenAI-compatible proxy with a cost-aware fallback chain")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    _config_arg(serve)
+    serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
+    serve.add_argument("--db", help="ledger SQLite file (default: ledger.path, ./ledger.db)")
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    check = sub.add_parser("check", help="validate the config and show what each tier resolves to")
+    _config_arg(check)
+
+    demo = sub.add_parser("demo", help="run simulated tiers and the proxy in front of them (no API key needed)")
+    demo.add_argument("--port", type=int, default=8080, help="proxy port (default 8080)")
+    demo.add_argument("--failure-rate", type=float, default=0.3, help="share of simulated llama calls that fail")
+    demo.add_argument("--requests", type=int, default=12, help="demo requests to send, then keep serving")
+    demo.add_argument("--no-serve", action="store_true", help="exit after the demo requests")
+
+    report = sub.add_parser("report", help="cost report from the ledger")
+    report.add_argument("--db", default=None, help="ledger SQLite file (default: from the config, ./ledger.db)")
+    report.add_argument("--since", default="24h", help="24h, 7d, 30d or all (default 24h)")
+    report.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _config_arg(report)
+
+    ledger = sub.add_parser("ledger", help="ledger maintenance")
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
+    imp = ledger_sub.add_parser("import", help="import rows spilled to the JSON-lines file back into SQLite")
+    imp.add_argument("--db", default=None, help="ledger SQLite file")
+    _config_arg(imp)
+    return parser
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=None, help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
+
+
+def _load(path: str | None) -> Config:
+    if path is None:
+        path = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
+    return load_config(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            from proxy.serve import serve
+
+            return serve(_load(args.config), host=args.host, port=args.port, db=args.db, log_level=args.log_level)
+        if args.command == "check":
+            from proxy.check import describe
+
+            print(describe(_load(args.config)))
+            return 0
+        if args.command == "demo":
+            from proxy.demo import run_demo
+
+            return asyncio.run(run_demo(args.port, args.failure_rate, args.requests, serve=not args.no_serve))
+        if args.command == "report":
+            from proxy.reports import report_main
+
+            code, text = report_main(_db_path(args), args.since, args.json)
+            print(text)
+            return code
+        if args.command == "ledger":
+            from proxy.reports import import_main
+
+            code, text = import_main(_db_path(args))
+            print(text)
+            return code
+    except ConfigError as e:
+        print(f"proxy: config error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _db_path(args: argparse.Namespace) -> str:
+    if args.db:
+        return str(args.db)
+    return _load(args.config).ledger.path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The proxy's own errors, and the one function that puts any of them on the wire.
+
+ProxyError                      an error the proxy answers with, in OpenAI's format
+├── BadRequest          400     the client's request or headers are wrong
+├── Unauthorized        401     missing or wrong client key
+├── NotFound            404     unknown path, or `model_not_found`
+├── MethodNotAllowed    405
+├── PayloadTooLarge     413
+├── RateLimited         429     client limits and budgets (always with Retry-After)
+├── Unavailable         503     no tier can take this request
+└── ChainFailed         502/504 every attempt failed; the message lists each attempt
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import orjson
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+
+class BadRequest(ProxyError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    type = "invalid_request_error"
+
+
+class NotFound(ProxyError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class RateLimited(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+
+
+class Unavailable(ProxyError):
+    status = 503
+    type = "service_unavailable"
+
+
+class ChainFailed(ProxyError):
+    type = "upstream_error"
+
+    def __init__(self, message: str, *, status: int, code: str, headers: Mapping[str, str] | None = None):
+        super().__init__(message, code=code, headers=headers)
+        self.status = status
+
+
+def error_json(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def error_response(err: ProxyError, extra_headers: Mapping[str, str] | None = None) -> web.Response:
+    headers = {**err.headers, **(extra_headers or {})}
+    return web.Response(
+        status=err.status,
+        body=error_json(err.message, err.type, err.code, err.param),
+        content_type="application/json",
+        headers=headers,
+    )

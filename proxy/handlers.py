@@ -1,0 +1,203 @@
+"""HTTP handlers: the chat-completions request path, models, health."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+
+from aiohttp import web
+
+from proxy.chat import ChatRequest, ask_for_usage, parse_chat_body
+from proxy.config import Tier
+from proxy.errors import NotFound, PayloadTooLarge, ProxyError, error_response
+from proxy.failover import ChainResult
+from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route
+from proxy.routing import Plan, make_plan, parse_hints
+from proxy.state import STATE, ProxyState
+from proxy.upstream import Outbound, Reply, Target, attempt, forwardable_headers
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-Id")
+    if given is not None and _REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    rec = CallRecord(
+        request_id=_request_id(request),
+        started_at=time.time(),
+        route=Route.DEFAULT,
+        chain=(),
+        stream=False,
+        requested_model=None,
+    )
+    t0 = time.monotonic()
+    try:
+        return await _serve(request, state, rec)
+    except ProxyError as e:
+        rec.status, rec.outcome, rec.error = e.status, Outcome.ERROR, e.message
+        return error_response(e, _headers(rec))
+    except asyncio.CancelledError:
+        rec.outcome, rec.status = Outcome.CLIENT_CANCELLED, 499
+        rec.error = rec.error or "client disconnected"
+        raise
+    finally:
+        rec.duration_ms = (time.monotonic() - t0) * 1000.0
+        state.sink.submit(rec)
+
+
+async def _serve(request: web.Request, state: ProxyState, rec: CallRecord) -> web.StreamResponse:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"The request body is larger than {state.config.server.max_body_bytes} bytes.",
+            code="request_too_large",
+        ) from None
+    chat = parse_chat_body(raw)
+    rec.stream, rec.requested_model = chat.stream, chat.model
+    if state.config.ledger.store_text:
+        rec.request_body = raw
+    plan = make_plan(state.config, parse_hints(request.headers, chat.model), state.breakers.blocked(time.monotonic()))
+    rec.route, rec.chain = plan.route, plan.tier_ids
+    outbound = _outbound(request, chat)
+    committed: list[web.StreamResponse] = []
+
+    async def commit(tier: Tier, arec: AttemptRecord) -> web.StreamResponse:
+        rec.tier, rec.model, rec.ttft_ms = tier.id, arec.model, arec.ttft_ms
+        resp = web.StreamResponse(status=200, headers=_stream_headers(rec, arec))
+        committed.append(resp)
+        await resp.prepare(request)
+        return resp
+
+    async def send(tier: Tier, arec: AttemptRecord, timeout: float) -> Reply:
+        target = Target(state.http(), tier, state.config.server.max_response_bytes)
+        return await attempt(target, outbound, arec, timeout, commit if chat.stream else None)
+
+    result = await state.failover.run(plan, send)
+    _finish_record(rec, plan, result)
+    if committed:
+        await committed[0].write_eof()
+        return committed[0]
+    return _respond(rec, result)
+
+
+def _outbound(request: web.Request, chat: ChatRequest) -> Outbound:
+    strip = ask_for_usage(chat)
+    return Outbound(
+        payload=chat.payload,
+        headers=forwardable_headers(request.headers),
+        stream=chat.stream,
+        strip_usage=strip,
+        request_bytes=chat.size,
+    )
+
+
+def _finish_record(rec: CallRecord, plan: Plan, result: ChainResult) -> None:
+    rec.attempts = result.attempts
+    last = result.attempts[-1] if result.attempts else None
+    if result.error is not None:
+        rec.status, rec.outcome, rec.error = result.error.status, Outcome.ERROR, result.error.message
+        return
+    if last is None or result.tier is None:
+        return
+    rec.tier, rec.model, rec.usage = result.tier.id, last.model, last.usage
+    rec.ttft_ms = last.ttft_ms
+    if result.refused:
+        rec.status, rec.outcome, rec.error = last.http_status or 502, Outcome.ERROR, last.error
+    elif last.outcome is AttemptOutcome.OK:
+        rec.status, rec.outcome = 200, Outcome.OK
+    else:  # a committed stream that broke after its status line went out
+        rec.status, rec.outcome, rec.error = 200, Outcome.ERROR, last.error
+
+
+def _respond(rec: CallRecord, result: ChainResult) -> web.StreamResponse:
+    if result.error is not None:
+        return error_response(result.error, _headers(rec))
+    reply = result.reply
+    assert reply is not None and reply.body is not None
+    headers = _headers(rec)
+    headers["Content-Type"] = reply.content_type or "application/json"
+    return web.Response(status=rec.status, body=reply.body, headers=headers)
+
+
+def _headers(rec: CallRecord) -> dict[str, str]:
+    headers = {
+        "X-Request-Id": rec.request_id,
+        "X-Proxy-Route": rec.route.value,
+        "X-Proxy-Attempts": str(len(rec.attempts)),
+    }
+    if rec.tier is not None:
+        headers["X-Proxy-Tier"] = rec.tier
+    if rec.model is not None:
+        headers["X-Proxy-Model"] = rec.model
+    return headers
+
+
+def _stream_headers(rec: CallRecord, arec: AttemptRecord) -> dict[str, str]:
+    return {
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "X-Request-Id": rec.request_id,
+        "X-Proxy-Route": rec.route.value,
+        "X-Proxy-Attempts": str(arec.n),
+        "X-Proxy-Tier": arec.tier,
+        "X-Proxy-Model": arec.model,
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    config = request.app[STATE].config
+    data = [{"id": "auto", "object": "model", "created": 0, "owned_by": "proxy"}]
+    for t in config.usable_tiers:
+        data.append(
+            {
+                "id": t.id,
+                "object": "model",
+                "created": 0,
+                "owned_by": "proxy",
+                "upstream_model": t.model,
+                "paid": t.paid,
+            }
+        )
+        data.extend(
+            {"id": a, "object": "model", "created": 0, "owned_by": "proxy", "alias_of": t.id} for a in t.aliases
+        )
+    return web.json_response({"object": "list", "data": data})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    now = time.monotonic()
+    tiers = {
+        t.id: {
+            "usable": t.usable,
+            "reason": t.skip_reason,
+            "breaker": state.breakers.get(t.id).state(now).value,
+        }
+        for t in state.config.tiers
+    }
+    ready = bool(state.config.usable_tiers) and state.session is not None
+    return web.json_response(
+        {"status": "ready" if ready else "not_ready", "config": state.config.source, "tiers": tiers},
+        status=200 if ready else 503,
+    )
+
+
+async def unknown_v1(request: web.Request) -> web.Response:
+    raise NotFound(
+        f"Unknown endpoint {request.method} {request.path}: this proxy serves POST /v1/chat/completions "
+        "and GET /v1/models.",
+        code="unknown_url",
+    )

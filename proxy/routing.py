@@ -1,0 +1,180 @@
+"""Which tiers to try, in which order, and why: headers + body model + config + breakers -> Plan.
+
+Pure functions: no I/O, no clock; the caller passes the breaker and budget state in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from proxy.config import Config, Tier
+from proxy.errors import BadRequest, NotFound, RateLimited, Unavailable
+from proxy.records import Route
+
+_REPLAN = ("minor", "major")
+_COMPLEXITY = ("simple", "normal", "complex")
+_FALLBACK = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
+
+
+@dataclass(frozen=True, slots=True)
+class RouteHints:
+    """What the client asked for, from its headers and the body's `model`."""
+
+    replan: str | None = None
+    complexity: str | None = None
+    tier: str | None = None
+    fallback: bool = True
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    chain: tuple[Tier, ...]  # what the failover loop walks, in order
+    route: Route
+    forced: bool = False  # every tier's breaker was open: try them anyway
+
+    @property
+    def tier_ids(self) -> tuple[str, ...]:
+        return tuple(t.id for t in self.chain)
+
+
+def parse_hints(headers: Mapping[str, str], model: str | None) -> RouteHints:
+    replan = _choice(headers, "X-Replan", _REPLAN)
+    complexity = _choice(headers, "X-Complexity", _COMPLEXITY)
+    fallback_raw = headers.get("X-Fallback")
+    fallback = True
+    if fallback_raw is not None:
+        value = _FALLBACK.get(fallback_raw.strip().lower())
+        if value is None:
+            raise BadRequest(
+                f"Invalid X-Fallback header value {fallback_raw!r}: allowed values are on, off",
+                param="X-Fallback",
+                code="invalid_header",
+            )
+        fallback = value
+    tier = headers.get("X-Tier")
+    return RouteHints(
+        replan=replan,
+        complexity=complexity,
+        tier=tier.strip() if tier is not None else None,
+        fallback=fallback,
+        model=model,
+    )
+
+
+def _choice(headers: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    value = raw.strip().lower()
+    if value not in allowed:
+        raise BadRequest(
+            f"Invalid {name} header value {raw!r}: allowed values are {', '.join(allowed)}",
+            param=name,
+            code="invalid_header",
+        )
+    return value
+
+
+def make_plan(config: Config, hints: RouteHints, blocked: frozenset[str], paid_allowed: bool = True) -> Plan:
+    """Build the chain. `blocked`: tiers whose breaker is open; `paid_allowed`: budget left."""
+    usable = config.usable_tiers
+    primary = config.routing.primary
+    base = tuple(t for t in usable if t.id == primary) + tuple(t for t in usable if t.id != primary)
+    minor = config.routing.use_llama_for_minor_replans and (hints.replan == "minor" or hints.complexity == "simple")
+
+    pinned = _pinned_tier(config, hints)
+    if pinned is not None:
+        route = Route.PINNED
+        chain = (pinned, *(t for t in base if t is not pinned))
+        if minor and pinned.paid:
+            raise BadRequest(
+                f"Tier {pinned.id!r} is paid, but this request is a minor re-plan, which never uses a "
+                "paid tier: pin a free tier or drop X-Replan: minor / X-Complexity: simple",
+                param="X-Tier",
+                code="paid_tier_not_allowed",
+            )
+    elif minor:
+        route, chain = Route.MINOR_REPLAN, base
+    elif hints.complexity == "complex":
+        route, chain = Route.COMPLEX, _paid_first(base)
+    elif primary in blocked and not _is_paid(config, primary) and any(t.paid for t in base):
+        route, chain = Route.ESCALATED, _paid_first(base)
+    else:
+        route, chain = Route.DEFAULT, base
+
+    if minor:
+        chain = tuple(t for t in chain if not t.paid)
+    if not paid_allowed and any(t.paid for t in chain):
+        if pinned is not None and pinned.paid:
+            raise RateLimited(
+                f"Tier {pinned.id!r} is paid and the spend budget is exhausted: pin a free tier or wait "
+                "for the budget window to reset",
+                code="budget_exhausted",
+                headers={"Retry-After": "3600"},
+            )
+        route, chain = Route.BUDGET, tuple(t for t in chain if not t.paid)
+    if not hints.fallback:
+        chain = chain[:1]
+    if not chain:
+        raise Unavailable(_no_tier_message(config, minor), code="no_tier_available")
+
+    open_free = tuple(t for t in chain if t.id not in blocked)
+    if not open_free:
+        return Plan(chain=chain, route=route, forced=True)
+    return Plan(chain=open_free, route=route)
+
+
+def _pinned_tier(config: Config, hints: RouteHints) -> Tier | None:
+    names = config.model_names()
+    if hints.tier is not None:
+        tier_id = names.get(hints.tier)
+        if tier_id is None:
+            _raise_unusable(config, hints.tier, "X-Tier")
+            raise BadRequest(
+                f"Invalid X-Tier header value {hints.tier!r}: allowed values are {', '.join(sorted(names))}",
+                param="X-Tier",
+                code="invalid_header",
+            )
+        return config.tier(tier_id)
+    model = hints.model
+    if model is None or model in config.auto_model_names:
+        return None
+    tier_id = names.get(model)
+    if tier_id is None:
+        _raise_unusable(config, model, "model")
+        valid = sorted({*config.auto_model_names, *names})
+        raise NotFound(
+            f"The model {model!r} does not exist on this proxy. Use one of: {', '.join(valid)} "
+            "('auto' lets the proxy choose).",
+            param="model",
+            code="model_not_found",
+        )
+    return config.tier(tier_id)
+
+
+def _raise_unusable(config: Config, name: str, param: str) -> None:
+    for t in config.tiers:
+        if name == t.id or name in t.aliases:
+            raise Unavailable(
+                f"Tier {t.id!r} is configured but not usable: {t.skip_reason}",
+                param=param,
+                code="tier_unavailable",
+            )
+
+
+def _paid_first(chain: tuple[Tier, ...]) -> tuple[Tier, ...]:
+    return tuple(t for t in chain if t.paid) + tuple(t for t in chain if not t.paid)
+
+
+def _is_paid(config: Config, tier_id: str) -> bool:
+    return config.tier(tier_id).paid
+
+
+def _no_tier_message(config: Config, minor: bool) -> str:
+    skipped = [f"{t.id}: {t.skip_reason}" for t in config.tiers if not t.usable]
+    why = "; ".join(skipped) if skipped else "none configured"
+    if minor:
+        return f"No free tier is usable for this minor re-plan (unusable tiers: {why})"
+    return f"No tier is usable for this request (unusable tiers: {why})"

@@ -1,0 +1,153 @@
+"""Watch an upstream SSE stream as it is relayed, reading only what the proxy needs.
+
+Chunks are cut at event boundaries (a client cannot use half an event anyway), and the
+bytes go out unchanged, except the usage event the proxy asked for on the client's behalf,
+which is removed when the client did not ask for usage itself. Events are parsed only when a
+cheap byte search says they may carry usage or an error, so the common content delta costs
+a few `in` tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+from proxy.records import Usage, UsageSource
+from proxy.usage import parse_usage
+
+_DATA = b"data:"
+_DONE = b"[DONE]"
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')
+_ERROR_MARKER = b'"error"'
+
+
+@dataclass(slots=True)
+class StreamWatch:
+    strip_usage: bool  # the client did not ask for usage: hide the usage-only event
+    buffer: bytes = b""
+    data_events: int = 0
+    done: bool = False
+    usage: Usage | None = None
+    model: str | None = None
+    error: str | None = None  # an error event the upstream sent in the stream
+    first: dict[str, object] | None = None  # the first data event, decoded
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Take raw bytes from upstream; return the complete events to forward (maybe b"")."""
+        buf = self.buffer + chunk if self.buffer else chunk
+        cut = _last_boundary(buf)
+        if cut == 0:
+            self.buffer = buf
+            return b""
+        out, self.buffer = buf[:cut], buf[cut:]
+        if self.strip_usage:
+            # Asking for usage makes OpenAI add "usage":null to every chunk; the client did not ask.
+            out = out.replace(b',"usage":null', b"")
+        return self._inspect(out)
+
+    def finish(self) -> bytes:
+        """The upstream closed: whatever is left is an unterminated event."""
+        rest, self.buffer = self.buffer, b""
+        if rest.strip():
+            return self._inspect(rest)
+        return b""
+
+    def _inspect(self, out: bytes) -> bytes:
+        n = out.count(_DATA)
+        if not n:
+            return out
+        if self.first is None:
+            self._read_first(out)
+        self.data_events += n
+        if _DONE in out:
+            self.done = True
+        if any(m in out for m in _USAGE_MARKERS) or _ERROR_MARKER in out:
+            out = self._read_special(out)
+        return out
+
+    def _read_first(self, out: bytes) -> None:
+        for event in _events(out):
+            payload = _data_of(event)
+            if payload is None:
+                continue
+            try:
+                decoded = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                self.error = "the first stream event is not JSON"
+                self.first = {}
+                return
+            if not isinstance(decoded, dict):
+                self.error = "the first stream event is not a JSON object"
+                self.first = {}
+                return
+            self.first = decoded
+            model = decoded.get("model")
+            self.model = model if isinstance(model, str) else None
+            return
+
+    def _read_special(self, out: bytes) -> bytes:
+        kept: list[bytes] = []
+        dropped = False
+        for event in _events(out):
+            payload = _data_of(event)
+            decoded = _loads_or_none(payload) if payload is not None and payload != _DONE else None
+            if isinstance(decoded, dict):
+                if "error" in decoded and "choices" not in decoded:
+                    self.error = _error_text(decoded["error"])
+                usage = parse_usage(decoded.get("usage"), UsageSource.UPSTREAM)
+                if usage is not None:
+                    self.usage = usage
+                    if self.strip_usage and not decoded.get("choices"):
+                        dropped = True
+                        continue
+            kept.append(event)
+        return b"".join(kept) if dropped else out
+
+    @property
+    def first_is_completion_chunk(self) -> bool:
+        return isinstance(self.first, dict) and isinstance(self.first.get("choices"), list)
+
+
+def _last_boundary(buf: bytes) -> int:
+    lf = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def _events(out: bytes) -> list[bytes]:
+    """Split complete events, each keeping its own terminator so bytes can be re-joined as they were."""
+    events: list[bytes] = []
+    start = 0
+    size = len(out)
+    while start < size:
+        lf = out.find(b"\n\n", start)
+        crlf = out.find(b"\r\n\r\n", start)
+        ends = [e for e in (lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1) if e > 0]
+        end = min(ends) if ends else size
+        events.append(out[start:end])
+        start = end
+    return events
+
+
+def _data_of(event: bytes) -> bytes | None:
+    """The data of one event (multi-line data joined with newlines), or None for a comment."""
+    lines = [ln[5:].lstrip(b" ") for ln in event.splitlines() if ln.startswith(_DATA)]
+    if not lines:
+        return None
+    return b"\n".join(lines).strip()
+
+
+def _loads_or_none(payload: bytes) -> object:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _error_text(err: object) -> str:
+    if isinstance(err, dict):
+        msg = err.get("message")
+        if isinstance(msg, str):
+            return msg[:500]
+    return str(err)[:500]

@@ -1,0 +1,42 @@
+"""What the running app holds: one object behind one AppKey, swapped parts on reload."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from proxy.breaker import BreakerBoard
+from proxy.config import Config
+from proxy.failover import Failover
+from proxy.records import NullSink, RecordSink
+
+
+@dataclass(slots=True)
+class ProxyState:
+    config: Config
+    breakers: BreakerBoard
+    failover: Failover
+    sink: RecordSink = field(default_factory=NullSink)
+    session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def build(cls, config: Config, rng: random.Random | None = None) -> ProxyState:
+        routing = config.routing
+        breakers = BreakerBoard(
+            threshold=routing.escalate_after_failures,
+            cooldown=routing.breaker_cooldown_seconds,
+            successes_to_close=routing.recovery_threshold,
+        )
+        failover = Failover(retries=config.retries, breakers=breakers, rng=rng or random.Random())
+        return cls(config=config, breakers=breakers, failover=failover)
+
+    def http(self) -> aiohttp.ClientSession:
+        if self.session is None:
+            raise RuntimeError("the upstream HTTP session is not open (app not started)")
+        return self.session
+
+
+STATE = web.AppKey("proxy_state", ProxyState)
