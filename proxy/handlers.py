@@ -11,7 +11,7 @@ from aiohttp import web
 
 from proxy.chat import ChatRequest, ask_for_usage, parse_chat_body
 from proxy.config import Tier
-from proxy.errors import NotFound, PayloadTooLarge, ProxyError, error_response
+from proxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, error_response
 from proxy.failover import ChainResult
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route
 from proxy.routing import Plan, make_plan, parse_hints
@@ -195,7 +195,17 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+_KNOWN = {"/v1/chat/completions": "POST", "/v1/models": "GET"}
+
+
 async def unknown_v1(request: web.Request) -> web.Response:
+    allowed = _KNOWN.get(request.path.rstrip("/"))
+    if allowed is not None:
+        raise MethodNotAllowed(
+            f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
+            code="method_not_allowed",
+            headers={"Allow": allowed},
+        )
     raise NotFound(
         f"Unknown endpoint {request.method} {request.path}: this proxy serves POST /v1/chat/completions "
         "and GET /v1/models.",

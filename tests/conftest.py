@@ -1,0 +1,133 @@
+"""Shared fixtures: simulated upstream tiers, the proxy in front of them, the real llama.cpp server."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from proxy.app import create_app
+from proxy.config import Config, build_config
+from proxy.simulate import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
+from tests.support.llamacpp import LlamaCppServer
+from tests.support.tiny_gguf import write_tiny_model
+
+FAST = {"backoff_initial_seconds": 0.01, "backoff_max_seconds": 0.05, "request_deadline_seconds": 5.0}
+
+
+@dataclass
+class Upstream:
+    """One simulated tier: its URL, its knobs and what it saw."""
+
+    name: str
+    url: str
+    settings: SimSettings
+    stats: SimStats
+
+    @property
+    def hits(self) -> int:
+        return self.stats.hits
+
+    def script(self, *behaviours: Behaviour) -> None:
+        self.settings.script.extend(behaviours)
+
+    def always(self, behaviour: Behaviour) -> None:
+        self.settings.default = behaviour
+
+
+@pytest.fixture
+async def upstreams(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> dict[str, Upstream]:
+    """Three simulated tiers named like the real ones."""
+    result = {}
+    for name in ("llama", "ollama", "kimi"):
+        settings = SimSettings(name=name)
+        app = create_sim_app(settings)
+        server = await aiohttp_server(app)
+        result[name] = Upstream(name, str(server.make_url("/v1")), settings, app[SIM_STATS])
+    return result
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on: connection refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def tier_config(ups: dict[str, Upstream], **overrides: dict[str, Any]) -> dict[str, Any]:
+    tiers: dict[str, Any] = {
+        "llama": {
+            "base_url": ups["llama"].url,
+            "model": "llama3.1:8b",
+            "timeout_seconds": 1.0,
+            "aliases": ["llama3.1-8b"],
+        },
+        "ollama": {"base_url": ups["ollama"].url, "model": "qwen2.5:7b", "timeout_seconds": 1.0},
+        "kimi": {
+            "base_url": ups["kimi"].url,
+            "model": "kimi-k2.5",
+            "paid": True,
+            "aliases": ["kimi-k2"],
+            "api_key_env": "TEST_KIMI_KEY",
+            "timeout_seconds": 1.0,
+        },
+    }
+    for tier_id, changes in overrides.items():
+        tiers[tier_id] = {**tiers[tier_id], **changes}
+    return tiers
+
+
+def make_config(raw: dict[str, Any], env: dict[str, str] | None = None) -> Config:
+    raw = dict(raw)
+    raw["retries"] = {**FAST, **raw.get("retries", {})}
+    return build_config(raw, "<test>", {"TEST_KIMI_KEY": "sk-test-kimi-secret", **(env or {})})
+
+
+ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def make_proxy(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    upstreams: dict[str, Upstream],
+) -> ProxyFactory:
+    """Start the proxy in front of the simulated tiers; keyword args are config sections."""
+
+    async def factory(
+        tiers: dict[str, Any] | None = None, env: dict[str, str] | None = None, **sections: Any
+    ) -> TestClient[web.Request, web.Application]:
+        raw = {"tiers": tiers or tier_config(upstreams), **sections}
+        return await aiohttp_client(create_app(make_config(raw, env)))
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def llama_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def llamacpp(llama_model: Path) -> Iterator[LlamaCppServer]:
+    """The real llama.cpp server (xllamacpp wheel) on a tiny random model, shared by the run."""
+    server = LlamaCppServer()
+    server.start(llama_model)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def sim_server(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIterator[Upstream]:
+    settings = SimSettings(name="extra")
+    app = create_sim_app(settings)
+    server = await aiohttp_server(app)
+    yield Upstream("extra", str(server.make_url("/v1")), settings, app[SIM_STATS])
