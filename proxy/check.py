@@ -10,7 +10,9 @@ def describe(config: Config) -> str:
     lines = [f"config: {config.source}", "", "tiers:"]
     for t in config.tiers:
         status = "usable" if t.usable else f"SKIPPED ({t.skip_reason})"
-        key = "no key needed" if not t.api_key_env else f"key from ${t.api_key_env}: {'set' if t.api_key else 'NOT SET'}"
+        key = (
+            "no key needed" if not t.api_key_env else f"key from ${t.api_key_env}: {'set' if t.api_key else 'NOT SET'}"
+        )
         kind = "paid" if t.paid else "free"
         lines.append(f"  {t.id:<8} {kind:<4} {t.model} at {t.base_url}  timeout {t.timeout:g}s  {key}  -> {status}")
         if t.aliases:

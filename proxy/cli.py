@@ -16,7 +16,9 @@ log = logging.getLogger("proxy")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="proxy", description="OpenAI-compatible proxy with a cost-aware fallback chain")
+    parser = argparse.ArgumentParser(
+        prog="proxy", description="OpenAI-compatible proxy with a cost-aware fallback chain"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")

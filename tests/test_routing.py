@@ -1,0 +1,110 @@
+"""Routing is pure: headers + config + breaker state -> the chain and its reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from proxy.config import Config, build_config
+from proxy.errors import BadRequest, NotFound, RateLimited, Unavailable
+from proxy.routing import RouteHints, make_plan, parse_hints
+
+ENV = {"MOONSHOT_API_KEY": "k"}
+
+
+def config(**routing: Any) -> Config:
+    return build_config({"routing": routing} if routing else {}, "<t>", ENV)
+
+
+def chain(
+    c: Config, hints: RouteHints | None = None, blocked: frozenset[str] = frozenset(), paid: bool = True
+) -> tuple[tuple[str, ...], str]:
+    plan = make_plan(c, hints or RouteHints(), blocked, paid)
+    return plan.tier_ids, plan.route.value
+
+
+def test_default_chain_llama_primary() -> None:
+    assert chain(config()) == (("llama", "ollama", "kimi"), "default")
+
+
+def test_kimi_primary() -> None:
+    assert chain(config(primary="kimi")) == (("kimi", "llama", "ollama"), "default")
+
+
+def test_minor_replan_and_simple_leave_paid_out() -> None:
+    c = config()
+    assert chain(c, RouteHints(replan="minor")) == (("llama", "ollama"), "minor_replan")
+    assert chain(c, RouteHints(complexity="simple")) == (("llama", "ollama"), "minor_replan")
+    assert chain(config(primary="kimi"), RouteHints(replan="minor")) == (("llama", "ollama"), "minor_replan")
+
+
+def test_minor_replan_switch_off_keeps_paid() -> None:
+    assert chain(config(use_llama_for_minor_replans=False), RouteHints(replan="minor")) == (
+        ("llama", "ollama", "kimi"),
+        "default",
+    )
+
+
+def test_complex_puts_paid_first() -> None:
+    assert chain(config(), RouteHints(complexity="complex")) == (("kimi", "llama", "ollama"), "complex")
+    assert chain(config(), RouteHints(complexity="normal")) == (("llama", "ollama", "kimi"), "default")
+
+
+def test_pins() -> None:
+    c = config()
+    assert chain(c, RouteHints(tier="ollama")) == (("ollama", "llama", "kimi"), "pinned")
+    assert chain(c, RouteHints(model="kimi-k2")) == (("kimi", "llama", "ollama"), "pinned")
+    assert chain(c, RouteHints(tier="ollama", fallback=False)) == (("ollama",), "pinned")
+    assert chain(c, RouteHints(model="auto")) == (("llama", "ollama", "kimi"), "default")
+
+
+def test_escalation_when_primary_breaker_open() -> None:
+    c = config()
+    assert chain(c, blocked=frozenset({"llama"})) == (("kimi", "ollama"), "escalated")
+    assert chain(c, RouteHints(replan="minor"), blocked=frozenset({"llama"})) == (("ollama",), "minor_replan")
+
+
+def test_all_open_is_forced_through_the_full_chain() -> None:
+    plan = make_plan(config(), RouteHints(replan="minor"), frozenset({"llama", "ollama"}))
+    assert plan.forced and plan.tier_ids == ("llama", "ollama")
+
+
+def test_budget_exhausted_drops_paid_tiers() -> None:
+    c = config()
+    assert chain(c, RouteHints(complexity="complex"), paid=False) == (("llama", "ollama"), "budget")
+    with pytest.raises(RateLimited) as info:
+        make_plan(c, RouteHints(tier="kimi"), frozenset(), paid_allowed=False)
+    assert info.value.headers["Retry-After"]
+
+
+def test_errors() -> None:
+    c = config()
+    with pytest.raises(NotFound, match=r"gpt-4o.*auto, kimi, kimi-k2, llama"):
+        make_plan(c, RouteHints(model="gpt-4o"), frozenset())
+    with pytest.raises(BadRequest, match="X-Tier"):
+        make_plan(c, RouteHints(tier="https://attacker.example/v1"), frozenset())
+    with pytest.raises(BadRequest, match="paid"):
+        make_plan(c, RouteHints(tier="kimi", replan="minor"), frozenset())
+    no_key = build_config({}, "<t>", {})
+    with pytest.raises(Unavailable, match="MOONSHOT_API_KEY"):
+        make_plan(no_key, RouteHints(model="kimi"), frozenset())
+
+
+@pytest.mark.parametrize(
+    ("headers", "param"),
+    [
+        ({"X-Replan": "full"}, "X-Replan"),
+        ({"X-Complexity": "hard"}, "X-Complexity"),
+        ({"X-Fallback": "no"}, "X-Fallback"),
+    ],
+)
+def test_bad_headers(headers: dict[str, str], param: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_hints(headers, None)
+    assert info.value.param == param
+
+
+def test_header_values_are_case_insensitive() -> None:
+    hints = parse_hints({"X-Replan": " Minor ", "X-Complexity": "COMPLEX", "X-Fallback": "OFF"}, "auto")
+    assert (hints.replan, hints.complexity, hints.fallback) == ("minor", "complex", False)
