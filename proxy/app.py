@@ -11,6 +11,7 @@ from aiohttp import web
 from proxy import handlers
 from proxy.config import Config
 from proxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, error_response
+from proxy.ledger import Ledger
 from proxy.records import RecordSink
 from proxy.state import STATE, ProxyState
 
@@ -46,19 +47,44 @@ def _as_proxy_error(request: web.Request, e: web.HTTPException) -> ProxyError:
     return err
 
 
-def create_app(config: Config, *, sink: RecordSink | None = None, rng: random.Random | None = None) -> web.Application:
+def create_app(
+    config: Config,
+    *,
+    db_path: str | None = None,
+    sink: RecordSink | None = None,
+    rng: random.Random | None = None,
+) -> web.Application:
+    """The proxy app. Records go to the SQLite ledger at `db_path` (default: the config's), or,
+    when `sink` is given, to that sink instead (tests, embedding)."""
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[openai_errors])
     state = ProxyState.build(config, rng)
+    app[STATE] = state
     if sink is not None:
         state.sink = sink
-    app[STATE] = state
+    else:
+        state.ledger_path = db_path or config.ledger.path
+        # Registered first so it is torn down last: the queue drains after the last request.
+        app.cleanup_ctx.append(_ledger)
     app.cleanup_ctx.append(_upstream_session)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/proxy/report", handlers.report)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.unknown_v1)
     return app
+
+
+async def _ledger(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    assert state.ledger_path is not None
+    ledger = Ledger(state.config, state.ledger_path, budget=state.budget)
+    await ledger.start()
+    state.sink = ledger
+    try:
+        yield
+    finally:
+        await ledger.close()
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

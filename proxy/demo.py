@@ -7,7 +7,9 @@ so they can try their own calls with curl or the SDK.
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -48,7 +50,7 @@ async def run_demo(port: int, failure_rate: float, requests: int, *, serve: bool
         runners.append(runner)
         raw_tiers[name] = {"base_url": url, "model": model, "paid": paid, "timeout_seconds": 2.0}
         if paid:
-            raw_tiers[name]["price"] = {"per_call_usd": 0.0008}
+            raw_tiers[name]["price"] = {"input_per_mtok": 0.60, "output_per_mtok": 2.50, "per_call_usd": 0.0008}
     config = build_config(
         {
             "tiers": raw_tiers,
@@ -58,11 +60,14 @@ async def run_demo(port: int, failure_rate: float, requests: int, *, serve: bool
         "<demo>",
         {},
     )
-    proxy_runner, base = await _start_proxy(config, port)
+    ledger_dir = tempfile.TemporaryDirectory(prefix="proxy-demo-")
+    db = str(Path(ledger_dir.name) / "ledger.db")
+    proxy_runner, base = await _start_proxy(config, port, db)
     runners.append(proxy_runner)
     try:
         _banner(base, config)
         await _show(base, requests)
+        await _show_report(base)
         if serve:
             print(f"\nThe proxy keeps serving at {base} (SIMULATED tiers). Try:\n{_curl(base)}\nCtrl-C to stop.")
             await asyncio.Event().wait()
@@ -71,11 +76,12 @@ async def run_demo(port: int, failure_rate: float, requests: int, *, serve: bool
     finally:
         for r in reversed(runners):
             await r.cleanup()
+        ledger_dir.cleanup()
     return 0
 
 
-async def _start_proxy(config: Config, port: int) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+async def _start_proxy(config: Config, port: int, db: str) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(create_app(config, db_path=db), handler_cancellation=True, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
@@ -105,6 +111,16 @@ async def _show(base: str, requests: int) -> None:
                     f"{h.get('X-Proxy-Tier', '-'):<7} {h.get('X-Proxy-Attempts', '-'):>5}  {ms:>6.0f}"
                 )
     print("\ntries > 1 means the proxy failed over: a simulated tier answered 503 and the next one served.")
+
+
+async def _show_report(base: str) -> None:
+    async with aiohttp.ClientSession() as session, session.get(f"{base.removesuffix('/v1')}/proxy/report") as resp:
+        doc = await resp.json()
+    calls = ", ".join(f"{tier}: {n}" for tier, n in doc["calls"].items())
+    print(
+        f"\nledger (a temporary SQLite file): calls {{{calls}}}, paid cost ${doc['cost_usd']:.6f}, "
+        f"savings ${doc['savings_usd']:.6f}, free calls {doc['free_call_pct'] or 0:.1f}%"
+    )
 
 
 def _curl(base: str) -> str:

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
+import sqlite3
 import time
 import uuid
 
 from aiohttp import web
 
+from proxy.budget import budget_json
 from proxy.chat import ChatRequest, ask_for_usage, parse_chat_body
 from proxy.config import Tier
-from proxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, error_response
+from proxy.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    Unavailable,
+    error_response,
+)
 from proxy.failover import ChainResult
+from proxy.ledger import Ledger
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route
-from proxy.routing import Plan, make_plan, parse_hints
+from proxy.reports import build_report, parse_since
+from proxy.routing import make_plan, parse_hints
 from proxy.state import STATE, ProxyState
 from proxy.upstream import Outbound, Reply, Target, attempt, forwardable_headers
 
@@ -43,7 +56,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _serve(request, state, rec)
     except ProxyError as e:
         rec.status, rec.outcome, rec.error = e.status, Outcome.ERROR, e.message
-        return error_response(e, _headers(rec))
+        return error_response(e, _headers(rec, state))
     except asyncio.CancelledError:
         rec.outcome, rec.status = Outcome.CLIENT_CANCELLED, 499
         rec.error = rec.error or "client disconnected"
@@ -72,7 +85,10 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord) -> we
 
     async def commit(tier: Tier, arec: AttemptRecord) -> web.StreamResponse:
         rec.tier, rec.model, rec.ttft_ms = tier.id, arec.model, arec.ttft_ms
-        resp = web.StreamResponse(status=200, headers=_stream_headers(rec, arec))
+        headers = _headers(rec, state, arec)
+        headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        headers["Cache-Control"] = "no-cache"
+        resp = web.StreamResponse(status=200, headers=headers)
         committed.append(resp)
         await resp.prepare(request)
         return resp
@@ -82,11 +98,11 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord) -> we
         return await attempt(target, outbound, arec, timeout, commit if chat.stream else None)
 
     result = await state.failover.run(plan, send)
-    _finish_record(rec, plan, result)
+    _finish_record(rec, result)
     if committed:
         await committed[0].write_eof()
         return committed[0]
-    return _respond(rec, result)
+    return _respond(rec, result, state)
 
 
 def _outbound(request: web.Request, chat: ChatRequest) -> Outbound:
@@ -100,7 +116,7 @@ def _outbound(request: web.Request, chat: ChatRequest) -> Outbound:
     )
 
 
-def _finish_record(rec: CallRecord, plan: Plan, result: ChainResult) -> None:
+def _finish_record(rec: CallRecord, result: ChainResult) -> None:
     rec.attempts = result.attempts
     last = result.attempts[-1] if result.attempts else None
     if result.error is not None:
@@ -118,39 +134,32 @@ def _finish_record(rec: CallRecord, plan: Plan, result: ChainResult) -> None:
         rec.status, rec.outcome, rec.error = 200, Outcome.ERROR, last.error
 
 
-def _respond(rec: CallRecord, result: ChainResult) -> web.StreamResponse:
+def _respond(rec: CallRecord, result: ChainResult, state: ProxyState) -> web.StreamResponse:
     if result.error is not None:
-        return error_response(result.error, _headers(rec))
+        return error_response(result.error, _headers(rec, state))
     reply = result.reply
     assert reply is not None and reply.body is not None
-    headers = _headers(rec)
+    headers = _headers(rec, state)
     headers["Content-Type"] = reply.content_type or "application/json"
     return web.Response(status=rec.status, body=reply.body, headers=headers)
 
 
-def _headers(rec: CallRecord) -> dict[str, str]:
+def _headers(rec: CallRecord, state: ProxyState, arec: AttemptRecord | None = None) -> dict[str, str]:
     headers = {
         "X-Request-Id": rec.request_id,
         "X-Proxy-Route": rec.route.value,
-        "X-Proxy-Attempts": str(len(rec.attempts)),
+        "X-Proxy-Attempts": str(arec.n if arec is not None else len(rec.attempts)),
     }
-    if rec.tier is not None:
-        headers["X-Proxy-Tier"] = rec.tier
-    if rec.model is not None:
-        headers["X-Proxy-Model"] = rec.model
+    tier = arec.tier if arec is not None else rec.tier
+    model = arec.model if arec is not None else rec.model
+    if tier is not None:
+        headers["X-Proxy-Tier"] = tier
+    if model is not None:
+        headers["X-Proxy-Model"] = model
+    remaining = state.budget.remaining(time.time())
+    if remaining is not None:
+        headers["X-Proxy-Budget-Remaining"] = f"{remaining:.6f}"
     return headers
-
-
-def _stream_headers(rec: CallRecord, arec: AttemptRecord) -> dict[str, str]:
-    return {
-        "Content-Type": "text/event-stream; charset=utf-8",
-        "Cache-Control": "no-cache",
-        "X-Request-Id": rec.request_id,
-        "X-Proxy-Route": rec.route.value,
-        "X-Proxy-Attempts": str(arec.n),
-        "X-Proxy-Tier": arec.tier,
-        "X-Proxy-Model": arec.model,
-    }
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -196,6 +205,29 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 _KNOWN = {"/v1/chat/completions": "POST", "/v1/models": "GET"}
+
+
+async def report(request: web.Request) -> web.Response:
+    """GET /proxy/report?since=24h: the same JSON as `proxy report --json`, plus budget state."""
+    state = request.app[STATE]
+    if state.ledger_path is None:
+        raise NotFound("This proxy runs without a ledger, so there is no report.", code="no_ledger")
+    since = request.query.get("since", "24h")
+    try:
+        parse_since(since, time.time())
+    except ValueError as e:
+        raise BadRequest(str(e), param="since", code="invalid_since") from None
+    sink = state.sink
+    if isinstance(sink, Ledger):
+        await sink.flush()
+    try:
+        doc = (await build_report(state.ledger_path, since)).to_json()
+    except (OSError, sqlite3.Error) as e:
+        raise Unavailable(f"The ledger cannot be read: {e}", code="ledger_unavailable") from None
+    doc["budget"] = budget_json(state.budget.state(time.time()))
+    if isinstance(sink, Ledger):
+        doc["ledger"] = dataclasses.asdict(sink.stats)
+    return web.json_response(doc)
 
 
 async def unknown_v1(request: web.Request) -> web.Response:

@@ -27,7 +27,7 @@ def serve(config: Config, *, host: str | None, port: int | None, db: str | None,
         log.warning("%s", w)
     host = host or config.server.host
     port = config.server.port if port is None else port
-    app = create_app(config)
+    app = create_app(config, db_path=db)
     usable = ", ".join(t.id for t in config.usable_tiers) or "none"
     log.info("proxy listening on http://%s:%d/v1 (config %s; usable tiers: %s)", host, port, config.source, usable)
     web.run_app(

@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.breaker import BreakerBoard
+from proxy.budget import BudgetTracker
 from proxy.config import Config
 from proxy.failover import Failover
 from proxy.records import NullSink, RecordSink
@@ -19,8 +20,10 @@ class ProxyState:
     config: Config
     breakers: BreakerBoard
     failover: Failover
+    budget: BudgetTracker
     sink: RecordSink = field(default_factory=NullSink)
     session: aiohttp.ClientSession | None = None
+    ledger_path: str | None = None  # None: no ledger (records go to `sink` only)
 
     @classmethod
     def build(cls, config: Config, rng: random.Random | None = None) -> ProxyState:
@@ -31,7 +34,7 @@ class ProxyState:
             successes_to_close=routing.recovery_threshold,
         )
         failover = Failover(retries=config.retries, breakers=breakers, rng=rng or random.Random())
-        return cls(config=config, breakers=breakers, failover=failover)
+        return cls(config=config, breakers=breakers, failover=failover, budget=BudgetTracker(config.budgets))
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:

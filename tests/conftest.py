@@ -97,13 +97,16 @@ ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]
 def make_proxy(
     aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
     upstreams: dict[str, Upstream],
+    tmp_path: Path,
 ) -> ProxyFactory:
-    """Start the proxy in front of the simulated tiers; keyword args are config sections."""
+    """Start the proxy in front of the simulated tiers, its ledger in tmp_path/ledger.db;
+    keyword args are config sections."""
 
     async def factory(
         tiers: dict[str, Any] | None = None, env: dict[str, str] | None = None, **sections: Any
     ) -> TestClient[web.Request, web.Application]:
         raw = {"tiers": tiers or tier_config(upstreams), **sections}
+        raw["ledger"] = {"path": str(tmp_path / "ledger.db"), **raw.get("ledger", {})}
         return await aiohttp_client(create_app(make_config(raw, env)))
 
     return factory

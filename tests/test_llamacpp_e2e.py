@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -38,8 +39,8 @@ def _config(llamacpp: LlamaCppServer, llama_url: str | None = None) -> Any:
 
 
 @pytest.fixture(scope="module")
-def proxy_url(llamacpp: LlamaCppServer) -> Iterator[str]:
-    with running_proxy(_config(llamacpp)) as url:
+def proxy_url(llamacpp: LlamaCppServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_proxy(_config(llamacpp), str(tmp_path_factory.mktemp("ledger") / "ledger.db")) as url:
         yield url
 
 
@@ -124,8 +125,8 @@ def test_stream_same_events_as_direct_call(proxy_url: str, llamacpp: LlamaCppSer
     assert _stream_events(proxy_url, {**body, "model": "auto"}) == direct
 
 
-def test_failover_from_dead_llama_to_llamacpp_ollama(llamacpp: LlamaCppServer) -> None:
-    with running_proxy(_config(llamacpp, llama_url=closed_port_url())) as url:
+def test_failover_from_dead_llama_to_llamacpp_ollama(llamacpp: LlamaCppServer, tmp_path: Path) -> None:
+    with running_proxy(_config(llamacpp, llama_url=closed_port_url()), str(tmp_path / "l.db")) as url:
         raw = sdk(url).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES, max_tokens=4)
         assert raw.headers["x-proxy-tier"] == "ollama"
         assert raw.headers["x-proxy-attempts"] == "3"  # llama refused twice, then ollama

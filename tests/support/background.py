@@ -14,14 +14,14 @@ from proxy.config import Config
 
 
 @contextmanager
-def running_proxy(config: Config) -> Iterator[str]:
+def running_proxy(config: Config, db_path: str) -> Iterator[str]:
     """Serve `config` on 127.0.0.1:<free port>; yields the base URL ending in /v1."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     box: dict[str, object] = {}
 
     async def start() -> web.AppRunner:
-        runner = web.AppRunner(create_app(config), handler_cancellation=True, access_log=None)
+        runner = web.AppRunner(create_app(config, db_path=db_path), handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
