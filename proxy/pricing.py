@@ -26,10 +26,14 @@ def _has_tokens(usage: Usage | None) -> bool:
 def cost_usd(usage: Usage | None, price: Price) -> Decimal:
     """What `price` charges for one call that used `usage` (exact).
 
-    Without token counts the flat per-call price applies (zero when the tier has none).
+    Without token counts from the upstream (none, or only the proxy's estimate) the flat
+    per-call price applies where the tier has one; estimated tokens are priced otherwise.
     """
-    if usage is None or usage.source == UsageSource.NONE:
-        return price.per_call_usd if price.per_call_usd is not None else ZERO
+    if usage is None or usage.source != UsageSource.UPSTREAM:
+        if price.per_call_usd is not None:
+            return price.per_call_usd
+        if usage is None or usage.source == UsageSource.NONE:
+            return ZERO
     prompt = max(usage.prompt_tokens, 0)
     # cached_tokens is a subset of prompt_tokens; clamping means a malformed usage object can
     # neither bill the cached part twice nor produce a negative uncached part.

@@ -218,7 +218,7 @@ async def test_per_call_price_and_estimated_usage(tmp_path: Path) -> None:
     await write(db, call("flat", "kimi"), call("est", "kimi", usage=estimated), call("free", "llama"))
     got = rows(db, "SELECT id, usage_source, cost_nano_usd, baseline_nano_usd FROM requests ORDER BY id")
     assert [tuple(r) for r in got] == [
-        ("est", "estimated", 1_200_000, 1_200_000),
+        ("est", "estimated", 800_000, 800_000),  # no upstream usage: kimi's flat per-call price
         ("flat", "none", 800_000, 800_000),
         ("free", "none", 0, 800_000),
     ]

@@ -40,9 +40,10 @@ def test_flat_per_call_price_without_usage() -> None:
     assert cost_usd(None, TOKENS_ONLY) == 0
 
 
-def test_estimated_usage_is_priced_by_tokens() -> None:
+def test_estimated_usage_takes_the_flat_price_else_is_priced_by_tokens() -> None:
     usage = Usage(prompt_tokens=2000, completion_tokens=0, source=UsageSource.ESTIMATED)
-    assert cost_usd(usage, KIMI) == Decimal("0.0012")
+    assert cost_usd(usage, KIMI) == Decimal("0.0008"), "no usage from upstream: the flat per-call price"
+    assert cost_usd(usage, TOKENS_ONLY) == Decimal("0.0012")
 
 
 def test_free_tier_costs_nothing() -> None:
