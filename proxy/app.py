@@ -78,7 +78,9 @@ def create_app(
 async def _ledger(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     assert state.ledger_path is not None
-    ledger = Ledger(state.config, state.ledger_path, budget=state.budget)
+    ledger = Ledger(
+        state.config, state.ledger_path, budget=state.budget, busy_timeout_ms=state.config.ledger.busy_timeout_ms
+    )
     await ledger.start()
     state.sink = ledger
     try:

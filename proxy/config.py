@@ -84,6 +84,7 @@ class LedgerSpec(_Strict, frozen=True):
     path: str = "ledger.db"
     store_text: bool = False
     batch_size: AtLeastOne = 500
+    busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 2000  # wait this long for a lock before retrying
 
 
 class BudgetSpec(_Strict, frozen=True):

@@ -50,8 +50,10 @@ class Failover:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
-    async def run(self, plan: Plan, send: SendAttempt) -> ChainResult:
-        result = ChainResult()
+    async def run(self, plan: Plan, send: SendAttempt, attempts: list[AttemptRecord] | None = None) -> ChainResult:
+        """Walk the chain. `attempts` (the caller's list) sees every attempt as it starts, so a
+        caller cancelled midway still knows what was tried."""
+        result = ChainResult(attempts=attempts if attempts is not None else [])
         deadline = self.clock() + self.retries.request_deadline_seconds
         refusal: tuple[Tier, Reply] | None = None
         for tier in plan.chain:

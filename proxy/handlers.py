@@ -51,22 +51,41 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         stream=False,
         requested_model=None,
     )
-    t0 = time.monotonic()
+    close = _RecordCloser(rec, state, time.monotonic())
     try:
-        return await _serve(request, state, rec)
+        return await _serve(request, state, rec, close)
     except ProxyError as e:
         rec.status, rec.outcome, rec.error = e.status, Outcome.ERROR, e.message
+        close()
         return error_response(e, _headers(rec, state))
     except asyncio.CancelledError:
         rec.outcome, rec.status = Outcome.CLIENT_CANCELLED, 499
-        rec.error = rec.error or "client disconnected"
+        rec.error = "client disconnected"
+        if rec.attempts:  # what the abandoned attempt had used is still owed
+            last = rec.attempts[-1]
+            rec.usage = rec.usage or last.usage
         raise
     finally:
-        rec.duration_ms = (time.monotonic() - t0) * 1000.0
-        state.sink.submit(rec)
+        close()
 
 
-async def _serve(request: web.Request, state: ProxyState, rec: CallRecord) -> web.StreamResponse:
+class _RecordCloser:
+    """Hands the record to the sink exactly once: before the response is built when possible,
+    so the cost it adds shows in X-Proxy-Budget-Remaining; else when the handler ends."""
+
+    __slots__ = ("done", "rec", "state", "t0")
+
+    def __init__(self, rec: CallRecord, state: ProxyState, t0: float) -> None:
+        self.rec, self.state, self.t0, self.done = rec, state, t0, False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.rec.duration_ms = (time.monotonic() - self.t0) * 1000.0
+            self.state.sink.submit(self.rec)
+
+
+async def _serve(request: web.Request, state: ProxyState, rec: CallRecord, close: _RecordCloser) -> web.StreamResponse:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -78,7 +97,12 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord) -> we
     rec.stream, rec.requested_model = chat.stream, chat.model
     if state.config.ledger.store_text:
         rec.request_body = raw
-    plan = make_plan(state.config, parse_hints(request.headers, chat.model), state.breakers.blocked(time.monotonic()))
+    plan = make_plan(
+        state.config,
+        parse_hints(request.headers, chat.model),
+        state.breakers.blocked(time.monotonic()),
+        paid_blocked_for=state.budget.reopens_in(time.time()),
+    )
     rec.route, rec.chain = plan.route, plan.tier_ids
     outbound = _outbound(request, chat)
     committed: list[web.StreamResponse] = []
@@ -97,11 +121,12 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord) -> we
         target = Target(state.http(), tier, state.config.server.max_response_bytes)
         return await attempt(target, outbound, arec, timeout, commit if chat.stream else None)
 
-    result = await state.failover.run(plan, send)
+    result = await state.failover.run(plan, send, rec.attempts)
     _finish_record(rec, result)
     if committed:
         await committed[0].write_eof()
         return committed[0]
+    close()
     return _respond(rec, result, state)
 
 
@@ -117,7 +142,6 @@ def _outbound(request: web.Request, chat: ChatRequest) -> Outbound:
 
 
 def _finish_record(rec: CallRecord, result: ChainResult) -> None:
-    rec.attempts = result.attempts
     last = result.attempts[-1] if result.attempts else None
     if result.error is not None:
         rec.status, rec.outcome, rec.error = result.error.status, Outcome.ERROR, result.error.message

@@ -210,14 +210,16 @@ class Pricer:
     ) -> tuple[int, int]:
         """(cost, baseline) in nano-dollars.
 
-        The answer is priced from the record's own usage; failed attempts add whatever they
-        were billed, so the request row carries everything this request cost.
+        The answer (the last attempt, on the answering tier: also a stream cut or abandoned
+        midway) is priced from the record's own usage; earlier attempts add whatever they were
+        billed, so the request row carries everything this request cost, each attempt once.
         """
         if rec.tier is None:
             return sum(attempt_nanos), 0
-        failed = sum(n for a, n in zip(attempts, attempt_nanos, strict=True) if a.outcome != AttemptOutcome.OK)
+        answered_last = bool(attempts) and attempts[-1].tier == rec.tier
+        earlier = attempt_nanos[:-1] if answered_last else attempt_nanos
         answer = to_nano(cost_usd(rec.usage, self.price(rec.tier)))
-        return answer + failed, to_nano(baseline_cost_usd(rec.usage, self._baseline))
+        return answer + sum(earlier), to_nano(baseline_cost_usd(rec.usage, self._baseline))
 
     def _request_row(self, rec: CallRecord, n_attempts: int, cost: int, baseline: int) -> RequestRow:
         prompt, completion, cached, source = _usage_columns(rec.usage)

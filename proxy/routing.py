@@ -77,8 +77,11 @@ def _choice(headers: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> 
     return value
 
 
-def make_plan(config: Config, hints: RouteHints, blocked: frozenset[str], paid_allowed: bool = True) -> Plan:
-    """Build the chain. `blocked`: tiers whose breaker is open; `paid_allowed`: budget left."""
+def make_plan(
+    config: Config, hints: RouteHints, blocked: frozenset[str], paid_blocked_for: float | None = None
+) -> Plan:
+    """Build the chain. `blocked`: tiers whose breaker is open; `paid_blocked_for`: seconds until
+    the spend budget allows paid tiers again (None: it allows them now)."""
     usable = config.usable_tiers
     primary = config.routing.primary
     base = tuple(t for t in usable if t.id == primary) + tuple(t for t in usable if t.id != primary)
@@ -106,13 +109,13 @@ def make_plan(config: Config, hints: RouteHints, blocked: frozenset[str], paid_a
 
     if minor:
         chain = tuple(t for t in chain if not t.paid)
-    if not paid_allowed and any(t.paid for t in chain):
+    if paid_blocked_for is not None and any(t.paid for t in chain):
         if pinned is not None and pinned.paid:
             raise RateLimited(
                 f"Tier {pinned.id!r} is paid and the spend budget is exhausted: pin a free tier or wait "
                 "for the budget window to reset",
                 code="budget_exhausted",
-                headers={"Retry-After": "3600"},
+                headers={"Retry-After": str(max(int(paid_blocked_for) + 1, 1))},
             )
         route, chain = Route.BUDGET, tuple(t for t in chain if not t.paid)
     if not hints.fallback:

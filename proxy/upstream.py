@@ -282,7 +282,7 @@ async def _stream(
         finally:
             # Some servers send no usage in streams, and a cut stream still cost something:
             # count the events rather than charge nothing.
-            rec.usage = watch.usage or estimate_usage(out.request_bytes, max(watch.data_events - 2, 0))
+            rec.usage = watch.usage or estimate_usage(out.request_bytes, max(watch.data_events - 2 - watch.done, 0))
     return Reply(committed=True)
 
 

@@ -18,9 +18,12 @@ def config(**routing: Any) -> Config:
 
 
 def chain(
-    c: Config, hints: RouteHints | None = None, blocked: frozenset[str] = frozenset(), paid: bool = True
+    c: Config,
+    hints: RouteHints | None = None,
+    blocked: frozenset[str] = frozenset(),
+    paid_blocked_for: float | None = None,
 ) -> tuple[tuple[str, ...], str]:
-    plan = make_plan(c, hints or RouteHints(), blocked, paid)
+    plan = make_plan(c, hints or RouteHints(), blocked, paid_blocked_for)
     return plan.tier_ids, plan.route.value
 
 
@@ -72,10 +75,10 @@ def test_all_open_is_forced_through_the_full_chain() -> None:
 
 def test_budget_exhausted_drops_paid_tiers() -> None:
     c = config()
-    assert chain(c, RouteHints(complexity="complex"), paid=False) == (("llama", "ollama"), "budget")
+    assert chain(c, RouteHints(complexity="complex"), paid_blocked_for=60.0) == (("llama", "ollama"), "budget")
     with pytest.raises(RateLimited) as info:
-        make_plan(c, RouteHints(tier="kimi"), frozenset(), paid_allowed=False)
-    assert info.value.headers["Retry-After"]
+        make_plan(c, RouteHints(tier="kimi"), frozenset(), paid_blocked_for=3599.5)
+    assert info.value.headers["Retry-After"] == "3600"
 
 
 def test_errors() -> None:

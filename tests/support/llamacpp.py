@@ -267,9 +267,7 @@ class LlamaCppServer:
         if self.verbosity is not None:
             cmd += ["--verbosity", str(self.verbosity)]
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
+        env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         with open(self.log_path, "ab") as log:
             # stdin is a pipe the child blocks on: if this process dies, the
             # child sees EOF and exits, so no orphaned servers.
@@ -292,16 +290,14 @@ class LlamaCppServer:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise LlamaCppServerError(
-                        f"llama.cpp server did not start within {self.startup_timeout:g}s"
-                        f"; log tail:\n{self.log_tail()}"
+                        f"llama.cpp server did not start within {self.startup_timeout:g}s; log tail:\n{self.log_tail()}"
                     )
                 if sel.select(min(remaining, 0.5)):
                     chunk = os.read(self._proc.stdout.fileno(), 4096)
                     if not chunk:  # EOF: the child exited
                         rc = self._proc.wait(5)
                         raise LlamaCppServerError(
-                            f"llama.cpp server exited with code {rc} during startup"
-                            f"; log tail:\n{self.log_tail()}"
+                            f"llama.cpp server exited with code {rc} during startup; log tail:\n{self.log_tail()}"
                         )
                     buf += chunk
                     for line in buf.decode(errors="replace").splitlines():
