@@ -1,0 +1,162 @@
+"""`proxy serve` as a real process: startup errors, warnings, SIGTERM with work in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from proxy.simulate import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
+
+MSG = {"messages": [{"role": "user", "content": "plan"}]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Served:
+    proc: asyncio.subprocess.Process
+    url: str
+    db: Path
+    stats: SimStats
+    settings: SimSettings
+
+    async def stderr_text(self) -> str:
+        assert self.proc.stderr is not None
+        return (await self.proc.stderr.read()).decode()
+
+
+async def start_proxy(
+    tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(cfg),
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(200):
+            if proc.returncode is not None:
+                break
+            try:
+                async with s.get(f"{url}/healthz") as r:
+                    if r.status == 200:
+                        return proc, url
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)
+    raise AssertionError(f"proxy did not start: rc={proc.returncode}")
+
+
+@pytest.fixture
+async def served(tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIterator[Served]:
+    settings = SimSettings(name="llama")
+    app = create_sim_app(settings)
+    upstream = await aiohttp_server(app)
+    db = tmp_path / "ledger.db"
+    config = {
+        "tiers": {"llama": {"base_url": str(upstream.make_url("/v1")), "model": "m", "timeout_seconds": 2}},
+        "ledger": {"path": str(db)},
+        "server": {"shutdown_timeout_seconds": 3},
+    }
+    proc, url = await start_proxy(tmp_path, config)
+    yield Served(proc, url, db, app[SIM_STATS], settings)
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_sigterm_drains_in_flight_stream_and_every_row(served: Served) -> None:
+    served.settings.default = Behaviour(chunk_delay=0.02, chunks=20)
+    n = 100
+    async with aiohttp.ClientSession() as s:
+
+        async def call(i: int) -> bytes:
+            body = {"model": "auto", "stream": i % 2 == 0, **MSG}
+            async with s.post(f"{served.url}/v1/chat/completions", json=body) as r:
+                return await r.read()
+
+        tasks = [asyncio.create_task(call(i)) for i in range(n)]
+        while served.stats.hits < n:  # every request is in flight upstream
+            await asyncio.sleep(0.01)
+        served.proc.send_signal(signal.SIGTERM)
+        bodies = await asyncio.gather(*tasks)
+    assert await asyncio.wait_for(served.proc.wait(), 10) == 0
+    streams = [b for i, b in enumerate(bodies) if i % 2 == 0]
+    assert all(b.endswith(b"data: [DONE]\n\n") for b in streams), "streams in flight at SIGTERM complete"
+    with sqlite3.connect(served.db) as conn:
+        assert conn.execute("SELECT count(*) FROM requests WHERE outcome = 'ok'").fetchone()[0] == n
+        assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == n
+
+
+async def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text("routing:\n  primary: llama\n  escalate_afterr: 3\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(cfg),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 2
+    assert str(cfg) in err.decode() and "escalate_afterr" in err.decode()
+
+
+async def test_missing_key_is_a_startup_warning_naming_tier_and_variable(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MOONSHOT_API_KEY"}
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(f"ledger: {{path: {tmp_path / 'l.db'}}}\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "check",
+        "--config",
+        str(cfg),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0
+    assert "tier 'kimi' is skipped: its API key variable MOONSHOT_API_KEY is not set" in out.decode()
+
+    proc, url = await start_proxy(tmp_path, {"ledger": {"path": str(tmp_path / "l.db")}}, env={"MOONSHOT_API_KEY": ""})
+    proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 10) == 0
+    assert proc.stderr is not None
+    err = (await proc.stderr.read()).decode()
+    assert "tier 'kimi' is skipped" in err and "MOONSHOT_API_KEY" in err
