@@ -154,7 +154,7 @@ async def test_missing_key_is_a_startup_warning_naming_tier_and_variable(tmp_pat
     assert proc.returncode == 0
     assert "tier 'kimi' is skipped: its API key variable MOONSHOT_API_KEY is not set" in out.decode()
 
-    proc, url = await start_proxy(tmp_path, {"ledger": {"path": str(tmp_path / "l.db")}}, env={"MOONSHOT_API_KEY": ""})
+    proc, _ = await start_proxy(tmp_path, {"ledger": {"path": str(tmp_path / "l.db")}}, env={"MOONSHOT_API_KEY": ""})
     proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 10) == 0
     assert proc.stderr is not None
