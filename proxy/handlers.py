@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import sqlite3
@@ -243,7 +244,10 @@ async def report(request: web.Request) -> web.Response:
         raise BadRequest(str(e), param="since", code="invalid_since") from None
     sink = state.sink
     if isinstance(sink, Ledger):
-        await sink.flush()
+        # Include what was just answered; but a broken disk must not hang the report.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await sink.flush()
     try:
         doc = (await build_report(state.ledger_path, since)).to_json()
     except (OSError, sqlite3.Error) as e:

@@ -48,6 +48,10 @@ log = logging.getLogger("proxy.ledger")
 SPILL_SUFFIX = ".spill.jsonl"
 SPILL_VERSION = 1
 DEFAULT_RETRY_DELAYS = (0.05, 0.25)
+# When neither the database nor the spill file can be written, rows wait in memory (up to this
+# many) and are retried every HOLD_RETRY_SECONDS: a full or read-only disk usually comes back.
+MAX_HELD_ROWS = 100_000
+HOLD_RETRY_SECONDS = 1.0
 _LATENCY_GROWTH = 1.05
 _LOG_GROWTH = math.log(_LATENCY_GROWTH)
 _MAX_MS = 1e9  # keeps log() finite for absurd or infinite durations
@@ -706,6 +710,7 @@ class Ledger:
         budget: CostListener | None = None,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
         busy_timeout_ms: int = 2000,
+        hold_retry_seconds: float = HOLD_RETRY_SECONDS,
     ) -> None:
         self.path = Path(path if path is not None else config.ledger.path)
         self.spill_path = spill_path(self.path)
@@ -723,6 +728,8 @@ class Ledger:
         self._closing = False
         self._closed = False
         self._written = self._spilled = self._imported = self._failed = 0
+        self._holding = False
+        self._hold_retry_seconds = hold_retry_seconds
 
     # -- request path
 
@@ -816,25 +823,30 @@ class Ledger:
     async def _drain(self) -> None:
         while self._queue:
             n = min(len(self._queue), self._batch_size)
-            await self._write_batch([self._queue.popleft() for _ in range(n)])
+            if not await self._write_batch([self._queue.popleft() for _ in range(n)]):
+                if self._closing:
+                    return
+                await asyncio.sleep(self._hold_retry_seconds)
 
-    async def _write_batch(self, batch: list[Entry]) -> None:
+    async def _write_batch(self, batch: list[Entry]) -> bool:
+        """Write (or spill) the batch; False when it could only be held in memory."""
         error: Exception | None = None
         for delay in (*self._retry_delays, None):
             try:
                 conn = await self._connection()
                 self._written += await write_entries(conn, batch)
-                return
+                self._recovered()
+                return True
             except sqlite3.IntegrityError:
                 # Bad data, not a bad disk: retrying the same batch would fail forever.
                 await self._write_one_by_one(batch)
-                return
+                return True
             except (sqlite3.Error, OSError) as e:
                 error = e
             if delay is not None:
                 await asyncio.sleep(delay)
         log.warning("ledger: writing %d request(s) to %s failed (%s); spilling", len(batch), self.path, error)
-        await self._spill(batch)
+        return await self._spill(batch)
 
     async def _write_one_by_one(self, batch: list[Entry]) -> None:
         for entry in batch:
@@ -882,13 +894,29 @@ class Ledger:
             with contextlib.suppress(sqlite3.Error):
                 await conn.close()
 
-    async def _spill(self, batch: list[Entry]) -> None:
+    async def _spill(self, batch: list[Entry]) -> bool:
         try:
             await asyncio.to_thread(append_spill, self.spill_path, batch)
         except OSError as e:
-            self._lost(len(batch), e)
-            return
+            return self._hold(batch, e)
         self._spilled += len(batch)
+        return True
+
+    def _hold(self, batch: list[Entry], error: OSError) -> bool:
+        """Keep rows in memory for a later retry, unless shutting down or past the cap."""
+        if self._closing or len(self._queue) + len(batch) > MAX_HELD_ROWS:
+            self._lost(len(batch), error)
+            return True
+        if not self._holding:
+            log.error(
+                "ledger: cannot write %s nor the spill file %s (%s); holding rows in memory and retrying",
+                self.path,
+                self.spill_path,
+                error,
+            )
+        self._holding = True
+        self._queue.extendleft(reversed(batch))
+        return False
 
     def _spill_now(self, batch: list[Entry]) -> None:
         """After close() there is no writer; a late record is appended synchronously."""
@@ -898,6 +926,11 @@ class Ledger:
             self._lost(len(batch), e)
             return
         self._spilled += len(batch)
+
+    def _recovered(self) -> None:
+        if self._holding:
+            self._holding = False
+            log.warning("ledger: %s is writable again; held rows are being written", self.path)
 
     def _lost(self, n: int, error: OSError) -> None:
         self._failed += n

@@ -35,7 +35,7 @@ def make_config(store_text: bool = False, batch_size: int = 500) -> Config:
 
 def impatient(db: Path) -> Ledger:
     """A ledger that gives up on a busy or broken database within ~50 ms."""
-    return Ledger(make_config(), db, retry_delays=(0.01, 0.01), busy_timeout_ms=20)
+    return Ledger(make_config(), db, retry_delays=(0.01, 0.01), busy_timeout_ms=20, hold_retry_seconds=0.02)
 
 
 def attempt(n: int, tier: str, outcome: AttemptOutcome = AttemptOutcome.OK, **kw: Any) -> AttemptRecord:
@@ -307,13 +307,16 @@ async def test_vanished_directory_loses_nothing_silently_and_recovers(tmp_path: 
     folder.write_text("not a directory")  # neither the database nor the spill file can be written
     ledger.submit(call("b"))
     ledger.submit(call("c"))
-    await ledger.flush()
-    assert (ledger.stats.written, ledger.stats.spilled, ledger.stats.failed) == (1, 0, 2)
+    for _ in range(100):  # the writer tries, fails both ways, and holds the rows
+        await asyncio.sleep(0.01)
+        if ledger.stats.queue_depth == 2 and ledger.stats.written == 1:
+            break
+    assert (ledger.stats.written, ledger.stats.spilled, ledger.stats.failed, ledger.stats.queue_depth) == (1, 0, 0, 2)
     folder.unlink()
-    ledger.submit(call("d"))  # the directory is back: a fresh database is created
+    ledger.submit(call("d"))  # the directory is back: a fresh database is created, held rows land
     await ledger.close()
-    assert ledger.stats.written == 2
-    assert [r[0] for r in rows(db, "SELECT id FROM requests")] == ["d"]
+    assert ledger.stats.written == 4 and ledger.stats.failed == 0
+    assert [r[0] for r in rows(db, "SELECT id FROM requests ORDER BY id")] == ["b", "c", "d"]
 
 
 async def test_deleted_database_file_is_recreated(tmp_path: Path) -> None:

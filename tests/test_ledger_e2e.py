@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
 import sqlite3
+import subprocess
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
@@ -303,3 +309,40 @@ async def test_load_rows_equal_requests_and_attempts_equal_upstream_hits(
     upstream_hits = sum(u.hits for u in upstreams.values())
     assert (await one(client, "SELECT count(*) AS n FROM attempts"))["n"] == upstream_hits
     assert upstream_hits > n  # failures made retries happen
+
+
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """Bind-mount `path` over itself read-only (root only): writes fail even for root."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) to make a file read-only for root")
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+async def test_read_only_database_spills_then_imports(
+    aiohttp_client: Any, upstreams: dict[str, Upstream], tmp_path: Path
+) -> None:
+    db = tmp_path / "ledger.db"
+    config = make_config({"tiers": tier_config(upstreams), "ledger": {"path": str(db), "busy_timeout_ms": 20}})
+    client = await aiohttp_client(create_app(config))
+    await client.post("/v1/chat/completions", json={"model": "auto", **MSG})
+    await client.close()  # one row written, file closed and checkpointed
+
+    with read_only(db):
+        client = await aiohttp_client(create_app(config))
+        for _ in range(10):
+            assert (await client.post("/v1/chat/completions", json={"model": "auto", **MSG})).status == 200
+        await client.close()
+        ledger = client.app[STATE].sink
+        assert isinstance(ledger, Ledger)
+        assert (ledger.stats.written, ledger.stats.spilled, ledger.stats.failed) == (0, 10, 0)
+
+    client = await aiohttp_client(create_app(config))
+    assert len(await rows(client, "SELECT id FROM requests")) == 11
+    report = await (await client.get("/proxy/report")).json()
+    assert report["ledger"]["imported"] == 10
