@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
 from proxy import handlers
+from proxy.clients import authenticate
 from proxy.config import Config
 from proxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, error_response
 from proxy.ledger import Ledger
 from proxy.records import RecordSink
-from proxy.state import STATE, ProxyState
+from proxy.reload import sighup_reloads
+from proxy.state import CLIENT_KEY, STATE, ProxyState
+
+log = logging.getLogger("proxy")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+_GUARDED = ("/v1/", "/proxy/")
+
+
+@web.middleware
+async def client_keys(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With auth.keys configured, /v1 and /proxy need a valid key, within its rate limit."""
+    if request.path.startswith(_GUARDED):
+        state = request.app[STATE]
+        key = authenticate(state.config, request.headers.get("Authorization"))
+        if key is not None:
+            state.limits.admit(key, time.monotonic())
+            request[CLIENT_KEY] = key
+    return await handler(request)
 
 
 @web.middleware
@@ -51,12 +73,14 @@ def create_app(
     config: Config,
     *,
     db_path: str | None = None,
+    config_path: str | None = None,
     sink: RecordSink | None = None,
     rng: random.Random | None = None,
 ) -> web.Application:
     """The proxy app. Records go to the SQLite ledger at `db_path` (default: the config's), or,
-    when `sink` is given, to that sink instead (tests, embedding)."""
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[openai_errors])
+    when `sink` is given, to that sink instead (tests, embedding). With `config_path`, SIGHUP
+    reloads that file."""
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[openai_errors, client_keys])
     state = ProxyState.build(config, rng)
     app[STATE] = state
     if sink is not None:
@@ -66,6 +90,9 @@ def create_app(
         # Registered first so it is torn down last: the queue drains after the last request.
         app.cleanup_ctx.append(_ledger)
     app.cleanup_ctx.append(_upstream_session)
+    if config_path is not None:
+        state.config_path = config_path
+        app.cleanup_ctx.append(sighup_reloads)
     app.router.add_post("/v1/chat/completions", handlers.chat_completions)
     app.router.add_get("/v1/models", handlers.list_models)
     app.router.add_get("/healthz", handlers.healthz)
@@ -79,9 +106,17 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     assert state.ledger_path is not None
     ledger = Ledger(
-        state.config, state.ledger_path, budget=state.budget, busy_timeout_ms=state.config.ledger.busy_timeout_ms
+        state.config,
+        state.ledger_path,
+        budget=state.budget,
+        busy_timeout_ms=state.config.ledger.busy_timeout_ms,
+        on_cost=[lambda cost, rec: state.limits.record(rec.client, cost, rec.started_at)],
     )
     await ledger.start()
+    try:
+        await state.limits.load(ledger, time.time())
+    except sqlite3.Error as e:
+        log.error("cannot load today's spend per client key from %s: %s; counting from 0", state.ledger_path, e)
     state.sink = ledger
     try:
         yield

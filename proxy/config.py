@@ -7,6 +7,7 @@ API keys are read from the environment here and nowhere else.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
@@ -78,6 +79,21 @@ class ServerSpec(_Strict, frozen=True):
     max_body_bytes: AtLeastOne = 8 * 1024 * 1024
     max_response_bytes: AtLeastOne = 64 * 1024 * 1024
     shutdown_timeout_seconds: Positive = 30.0
+    body_read_timeout_seconds: Positive = 30.0  # a client must send its whole body within this
+
+
+class ClientKeySpec(_Strict, frozen=True):
+    """A client allowed in: its secret from an environment variable, or only its SHA-256."""
+
+    name: str
+    secret_env: str | None = None
+    sha256: str | None = None  # hex digest of the secret, for configs that must not hold it
+    requests_per_minute: AtLeastOne | None = None
+    daily_usd: Money | None = None  # spend cap for this client, per UTC day
+
+
+class AuthSpec(_Strict, frozen=True):
+    keys: list[ClientKeySpec] = []
 
 
 class LedgerSpec(_Strict, frozen=True):
@@ -132,6 +148,7 @@ class FileSpec(_Strict, frozen=True):
     tiers: dict[str, TierSpec] = msgspec.field(default_factory=_default_tiers)
     ledger: LedgerSpec = LedgerSpec()
     budgets: BudgetSpec = BudgetSpec()
+    auth: AuthSpec = AuthSpec()
 
 
 class ConfigError(Exception):
@@ -172,6 +189,14 @@ class Tier:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientKey:
+    name: str
+    digest: bytes = field(repr=False)  # SHA-256 of the secret; the secret itself is not kept
+    requests_per_minute: int | None
+    daily_usd: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str  # the file it came from, or "<defaults>"
     server: ServerSpec
@@ -182,6 +207,9 @@ class Config:
     tiers: tuple[Tier, ...]  # every configured tier in config order, usable or not
     warnings: tuple[str, ...] = ()
     pin_names: Mapping[str, str] = field(default_factory=dict)
+    # Client keys: with `auth_required` every /v1 and /proxy request needs one of `client_keys`.
+    auth_required: bool = False
+    client_keys: tuple[ClientKey, ...] = ()
 
     def tier(self, tier_id: str) -> Tier:
         for t in self.tiers:
@@ -312,6 +340,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         raise ConfigError(f"{source}: retries.backoff_max_seconds is below retries.backoff_initial_seconds")
     if not any(t.usable for t in tiers):
         warnings.append("no tier is usable: every request will fail until one is configured")
+    client_keys = _client_keys(source, spec.auth, env, warnings)
     return Config(
         source=source,
         server=spec.server,
@@ -322,7 +351,39 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         tiers=tuple(tiers),
         warnings=tuple(warnings),
         pin_names={name: t.id for t in tiers if t.usable for name in (t.id, *t.aliases)},
+        auth_required=bool(spec.auth.keys),
+        client_keys=client_keys,
     )
+
+
+def _client_keys(source: str, auth: AuthSpec, env: Mapping[str, str], warnings: list[str]) -> tuple[ClientKey, ...]:
+    keys: list[ClientKey] = []
+    names: set[str] = set()
+    for i, k in enumerate(auth.keys):
+        where = f"{source}: auth.keys[{i}] ({k.name!r})"
+        if k.name in names:
+            raise ConfigError(f"{where}: the name is used twice")
+        names.add(k.name)
+        if (k.secret_env is None) == (k.sha256 is None):
+            raise ConfigError(f"{where}: set exactly one of secret_env or sha256")
+        if k.daily_usd is not None and (not k.daily_usd.is_finite() or k.daily_usd < 0):
+            raise ConfigError(f"{where}: daily_usd must be a number >= 0")
+        if k.sha256 is not None:
+            try:
+                digest = bytes.fromhex(k.sha256)
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                raise ConfigError(f"{where}: sha256 must be 64 hex digits (sha256sum of the key)")
+        else:
+            assert k.secret_env is not None
+            secret = env.get(k.secret_env)
+            if not secret:
+                warnings.append(f"client key {k.name!r} is disabled: its variable {k.secret_env} is not set")
+                continue
+            digest = hashlib.sha256(secret.encode()).digest()
+        keys.append(ClientKey(k.name, digest, k.requests_per_minute, k.daily_usd))
+    return tuple(keys)
 
 
 def _price(source: str, tier_id: str, p: PriceSpec) -> Price:

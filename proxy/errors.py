@@ -58,6 +58,11 @@ class MethodNotAllowed(ProxyError):
     type = "invalid_request_error"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    type = "invalid_request_error"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     type = "invalid_request_error"

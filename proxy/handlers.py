@@ -21,6 +21,7 @@ from proxy.errors import (
     NotFound,
     PayloadTooLarge,
     ProxyError,
+    RequestTimeout,
     Unavailable,
     error_response,
 )
@@ -29,7 +30,7 @@ from proxy.ledger import Ledger
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route
 from proxy.reports import build_report, parse_since
 from proxy.routing import make_plan, parse_hints
-from proxy.state import STATE, ProxyState
+from proxy.state import CLIENT_KEY, STATE, ProxyState
 from proxy.upstream import Outbound, Reply, Target, attempt, forwardable_headers
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -87,13 +88,11 @@ class _RecordCloser:
 
 
 async def _serve(request: web.Request, state: ProxyState, rec: CallRecord, close: _RecordCloser) -> web.StreamResponse:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(
-            f"The request body is larger than {state.config.server.max_body_bytes} bytes.",
-            code="request_too_large",
-        ) from None
+    key = request.get(CLIENT_KEY)
+    if key is not None:
+        rec.client = key.name
+        state.limits.check_spend(key, time.time())
+    raw = await _read_body(request, state)
     chat = parse_chat_body(raw)
     rec.stream, rec.requested_model = chat.stream, chat.model
     if state.config.ledger.store_text:
@@ -119,7 +118,7 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord, close
         return resp
 
     async def send(tier: Tier, arec: AttemptRecord, timeout: float) -> Reply:
-        target = Target(state.http(), tier, state.config.server.max_response_bytes)
+        target = Target(state.http(), tier, state.config.server.max_response_bytes, state.gates[tier.id])
         return await attempt(target, outbound, arec, timeout, commit if chat.stream else None)
 
     result = await state.failover.run(plan, send, rec.attempts)
@@ -129,6 +128,23 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord, close
         return committed[0]
     close()
     return _respond(rec, result, state)
+
+
+async def _read_body(request: web.Request, state: ProxyState) -> bytes:
+    server = state.config.server
+    try:
+        async with asyncio.timeout(server.body_read_timeout_seconds):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"The request body is larger than {server.max_body_bytes} bytes (server.max_body_bytes).",
+            code="request_too_large",
+        ) from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {server.body_read_timeout_seconds:g} s.",
+            code="body_timeout",
+        ) from None
 
 
 def _outbound(request: web.Request, chat: ChatRequest) -> Outbound:

@@ -18,7 +18,7 @@ import sqlite3
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -711,6 +711,7 @@ class Ledger:
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
         busy_timeout_ms: int = 2000,
         hold_retry_seconds: float = HOLD_RETRY_SECONDS,
+        on_cost: Sequence[Callable[[Decimal, CallRecord], None]] = (),
     ) -> None:
         self.path = Path(path if path is not None else config.ledger.path)
         self.spill_path = spill_path(self.path)
@@ -730,6 +731,7 @@ class Ledger:
         self._written = self._spilled = self._imported = self._failed = 0
         self._holding = False
         self._hold_retry_seconds = hold_retry_seconds
+        self._on_cost = tuple(on_cost)  # told every priced request's cost (client caps, metrics)
 
     # -- request path
 
@@ -741,8 +743,12 @@ class Ledger:
             self._failed += 1
             log.error("ledger: cannot record request %r: %s", getattr(record, "request_id", "?"), e)
             return
-        if self._budget is not None and entry.request.cost_nano_usd:
-            self._budget.record(from_nano(entry.request.cost_nano_usd), record.started_at)
+        if entry.request.cost_nano_usd:
+            cost = from_nano(entry.request.cost_nano_usd)
+            if self._budget is not None:
+                self._budget.record(cost, record.started_at)
+            for listener in self._on_cost:
+                listener(cost, record)
         if self._closed:
             self._spill_now([entry])
             return
@@ -798,6 +804,11 @@ class Ledger:
             self._closed = True
             await self._close_conn()
 
+    def reconfigure(self, config: Config, budget: CostListener | None) -> None:
+        """After a config reload: new prices for records submitted from now on."""
+        self._pricer = Pricer(config)
+        self._budget = budget
+
     @property
     def stats(self) -> LedgerStats:
         return LedgerStats(self._written, self._spilled, self._imported, len(self._queue), self._failed)
@@ -806,6 +817,16 @@ class Ledger:
         if self._conn is None:
             raise sqlite3.OperationalError(f"ledger database {self.path} is not open")
         return await spend_since(self._conn, day)
+
+    async def client_spend_since(self, day: str) -> dict[str, Decimal]:
+        if self._conn is None:
+            raise sqlite3.OperationalError(f"ledger database {self.path} is not open")
+        async with self._conn.execute(
+            "SELECT client, sum(cost_nano_usd) FROM requests"
+            " WHERE started_at >= ? AND client IS NOT NULL GROUP BY client",
+            (day,),
+        ) as cur:
+            return {client: from_nano(int(nano or 0)) async for client, nano in cur}
 
     # -- writer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 
 from aiohttp import web
@@ -25,9 +26,10 @@ def serve(config: Config, *, host: str | None, port: int | None, db: str | None,
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for w in config.warnings:
         log.warning("%s", w)
-    host = host or config.server.host
+    host = _listen_host(config, host)
     port = config.server.port if port is None else port
-    app = create_app(config, db_path=db)
+    config_path = None if config.source.startswith("<") else config.source
+    app = create_app(config, db_path=db, config_path=config_path)
     usable = ", ".join(t.id for t in config.usable_tiers) or "none"
     log.info("proxy listening on http://%s:%d/v1 (config %s; usable tiers: %s)", host, port, config.source, usable)
     web.run_app(
@@ -41,3 +43,32 @@ def serve(config: Config, *, host: str | None, port: int | None, db: str | None,
         loop=_new_loop(),
     )
     return 0
+
+
+def _listen_host(config: Config, given: str | None) -> str:
+    """Without client keys anyone who reaches the port spends the paid tiers' money: stay on
+    loopback unless the operator says --host explicitly."""
+    if config.auth_required:
+        return given or config.server.host
+    if given is not None:
+        if not _loopback(given):
+            log.warning("no client keys configured (auth.keys): anyone who can reach %s can use this proxy", given)
+        return given
+    if not _loopback(config.server.host):
+        log.warning(
+            "no client keys configured (auth.keys): listening on 127.0.0.1 only, not on server.host %s; "
+            "configure auth.keys, or pass --host to listen there anyway",
+            config.server.host,
+        )
+        return "127.0.0.1"
+    log.info("no client keys configured: listening on loopback only")
+    return config.server.host
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from proxy.breaker import BreakerBoard
 from proxy.budget import BudgetTracker
+from proxy.clients import ClientLimits
 from proxy.config import Config
 from proxy.failover import Failover
 from proxy.records import NullSink, RecordSink
@@ -24,6 +26,9 @@ class ProxyState:
     sink: RecordSink = field(default_factory=NullSink)
     session: aiohttp.ClientSession | None = None
     ledger_path: str | None = None  # None: no ledger (records go to `sink` only)
+    limits: ClientLimits = field(default_factory=ClientLimits)
+    gates: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # tier -> max connections
+    config_path: str | None = None  # reloaded on SIGHUP when set
 
     @classmethod
     def build(cls, config: Config, rng: random.Random | None = None) -> ProxyState:
@@ -34,7 +39,9 @@ class ProxyState:
             successes_to_close=routing.recovery_threshold,
         )
         failover = Failover(retries=config.retries, breakers=breakers, rng=rng or random.Random())
-        return cls(config=config, breakers=breakers, failover=failover, budget=BudgetTracker(config.budgets))
+        state = cls(config=config, breakers=breakers, failover=failover, budget=BudgetTracker(config.budgets))
+        state.gates = tier_gates(config)
+        return state
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:
@@ -42,4 +49,9 @@ class ProxyState:
         return self.session
 
 
+def tier_gates(config: Config) -> dict[str, asyncio.Semaphore]:
+    return {t.id: asyncio.Semaphore(t.max_connections) for t in config.tiers}
+
+
 STATE = web.AppKey("proxy_state", ProxyState)
+CLIENT_KEY = "proxy.client_key"  # request-scoped: the ClientKey that authenticated the request

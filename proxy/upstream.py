@@ -106,6 +106,7 @@ class Target:
     session: aiohttp.ClientSession
     tier: Tier
     max_response_bytes: int
+    gate: asyncio.Semaphore  # the tier's max concurrent connections; waiting counts against the timeout
 
 
 async def attempt(target: Target, out: Outbound, rec: AttemptRecord, timeout: float, commit: Committer | None) -> Reply:
@@ -146,6 +147,7 @@ async def _unary(target: Target, out: Outbound, rec: AttemptRecord, timeout: flo
     tier = target.tier
     async with (
         asyncio.timeout(timeout),
+        target.gate,
         target.session.post(
             tier.chat_url,
             data=out.body_for(tier),
@@ -247,6 +249,7 @@ async def _stream(
     watch = StreamWatch(strip_usage=out.strip_usage)
     async with (
         asyncio.timeout(timeout) as deadline,
+        target.gate,
         target.session.post(
             tier.chat_url,
             data=out.body_for(tier),

@@ -5,75 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp.test_utils import TestServer
 
-from proxy.simulate import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
+from proxy.simulate import SIM_STATS, Behaviour, SimSettings, create_sim_app
+from tests.support.proc import Served, start_proxy
 
 MSG = {"messages": [{"role": "user", "content": "plan"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Served:
-    proc: asyncio.subprocess.Process
-    url: str
-    db: Path
-    stats: SimStats
-    settings: SimSettings
-
-    async def stderr_text(self) -> str:
-        assert self.proc.stderr is not None
-        return (await self.proc.stderr.read()).decode()
-
-
-async def start_proxy(
-    tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None
-) -> tuple[asyncio.subprocess.Process, str]:
-    cfg = tmp_path / "proxy.yaml"
-    cfg.write_text(yaml.safe_dump(config))
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(cfg),
-        "--port",
-        str(port),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as s:
-        for _ in range(200):
-            if proc.returncode is not None:
-                break
-            try:
-                async with s.get(f"{url}/healthz") as r:
-                    if r.status == 200:
-                        return proc, url
-            except aiohttp.ClientConnectionError:
-                await asyncio.sleep(0.05)
-    raise AssertionError(f"proxy did not start: rc={proc.returncode}")
 
 
 @pytest.fixture
@@ -87,11 +31,11 @@ async def served(tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestSer
         "ledger": {"path": str(db)},
         "server": {"shutdown_timeout_seconds": 3},
     }
-    proc, url = await start_proxy(tmp_path, config)
-    yield Served(proc, url, db, app[SIM_STATS], settings)
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()
+    run = await start_proxy(tmp_path, config)
+    yield Served(run, db, app[SIM_STATS], settings)
+    if run.proc.returncode is None:
+        run.proc.kill()
+        await run.proc.wait()
 
 
 async def test_sigterm_drains_in_flight_stream_and_every_row(served: Served) -> None:
@@ -154,9 +98,7 @@ async def test_missing_key_is_a_startup_warning_naming_tier_and_variable(tmp_pat
     assert proc.returncode == 0
     assert "tier 'kimi' is skipped: its API key variable MOONSHOT_API_KEY is not set" in out.decode()
 
-    proc, _ = await start_proxy(tmp_path, {"ledger": {"path": str(tmp_path / "l.db")}}, env={"MOONSHOT_API_KEY": ""})
-    proc.send_signal(signal.SIGTERM)
-    assert await asyncio.wait_for(proc.wait(), 10) == 0
-    assert proc.stderr is not None
-    err = (await proc.stderr.read()).decode()
+    run = await start_proxy(tmp_path, {"ledger": {"path": str(tmp_path / "l.db")}}, env={"MOONSHOT_API_KEY": ""})
+    assert await run.stop() == 0
+    err = run.log_text()
     assert "tier 'kimi' is skipped" in err and "MOONSHOT_API_KEY" in err

@@ -1,0 +1,117 @@
+"""Who is calling: client keys, and each key's request rate and daily spend limits."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Protocol
+
+from proxy.config import ClientKey, Config
+from proxy.errors import RateLimited, Unauthorized
+
+_ZERO = Decimal(0)
+
+
+class ClientSpendSource(Protocol):
+    async def client_spend_since(self, day: str) -> dict[str, Decimal]: ...
+
+
+def authenticate(config: Config, authorization: str | None) -> ClientKey | None:
+    """The key presented in `Authorization: Bearer ...`; None when no keys are configured."""
+    if not config.auth_required:
+        return None
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(
+            "Missing API key: send 'Authorization: Bearer <key>' with a key configured in auth.keys.",
+            code="missing_api_key",
+        )
+    digest = hashlib.sha256(token.strip().encode()).digest()
+    for key in config.client_keys:
+        if hmac.compare_digest(key.digest, digest):
+            return key
+    raise Unauthorized("Incorrect API key provided.", code="invalid_api_key")
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+@dataclass(slots=True)
+class _Spend:
+    day: str
+    spent: Decimal = _ZERO
+
+
+@dataclass(slots=True)
+class ClientLimits:
+    """Per-key requests per minute (token bucket) and spend per UTC day."""
+
+    buckets: dict[str, _Bucket] = field(default_factory=dict)
+    spend: dict[str, _Spend] = field(default_factory=dict)
+
+    def admit(self, key: ClientKey | None, now: float) -> None:
+        """Take one request from the key's bucket, or raise 429 saying when to come back."""
+        if key is None or key.requests_per_minute is None:
+            return
+        rate = key.requests_per_minute / 60.0
+        bucket = self.buckets.get(key.name)
+        if bucket is None:
+            bucket = self.buckets[key.name] = _Bucket(float(key.requests_per_minute), now)
+        bucket.tokens = min(float(key.requests_per_minute), bucket.tokens + (now - bucket.updated) * rate)
+        bucket.updated = now
+        if bucket.tokens < 1.0:
+            wait = math.ceil((1.0 - bucket.tokens) / rate)
+            raise RateLimited(
+                f"Rate limit for client {key.name!r} reached: {key.requests_per_minute} requests per minute. "
+                f"Retry after {wait} s.",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(wait)},
+            )
+        bucket.tokens -= 1.0
+
+    def check_spend(self, key: ClientKey | None, now: float) -> None:
+        if key is None or key.daily_usd is None:
+            return
+        spent = self._current(key.name, now).spent
+        if spent >= key.daily_usd:
+            wait = _seconds_to_midnight(now)
+            raise RateLimited(
+                f"Client {key.name!r} has spent its daily budget of ${key.daily_usd} (${spent:.6f}); "
+                f"it resets at 00:00 UTC, in {wait} s.",
+                code="daily_budget_exhausted",
+                headers={"Retry-After": str(wait)},
+            )
+
+    def record(self, client: str | None, cost: Decimal, at: float) -> None:
+        if client is not None and cost:
+            self._current(client, at).spent += cost
+
+    async def load(self, source: ClientSpendSource, now: float) -> None:
+        """Today's spend per client from the ledger, so a restart does not reset the caps."""
+        day = _day(now)
+        for client, spent in (await source.client_spend_since(day)).items():
+            self.spend[client] = _Spend(day, spent)
+
+    def _current(self, client: str, at: float) -> _Spend:
+        day = _day(at)
+        entry = self.spend.get(client)
+        if entry is None or entry.day != day:
+            entry = self.spend[client] = _Spend(day)
+        return entry
+
+
+def _day(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).date().isoformat()
+
+
+def _seconds_to_midnight(now: float) -> int:
+    today = datetime.fromtimestamp(now, UTC).date()
+    midnight = datetime.combine(today + timedelta(days=1), datetime.min.time(), UTC)
+    return max(int(midnight.timestamp() - now) + 1, 1)
