@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from decimal import Decimal
 
 import aiohttp
 from aiohttp import web
@@ -16,7 +18,8 @@ from proxy.clients import authenticate
 from proxy.config import Config
 from proxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, error_response
 from proxy.ledger import Ledger
-from proxy.records import RecordSink
+from proxy.metrics import Metrics, Snapshot
+from proxy.records import CallRecord, RecordSink
 from proxy.reload import sighup_reloads
 from proxy.state import CLIENT_KEY, STATE, ProxyState
 
@@ -82,6 +85,7 @@ def create_app(
     reloads that file."""
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[openai_errors, client_keys])
     state = ProxyState.build(config, rng)
+    state.metrics = Metrics(functools.partial(_snapshot, state))
     app[STATE] = state
     if sink is not None:
         state.sink = sink
@@ -98,6 +102,7 @@ def create_app(
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/proxy/report", handlers.report)
+    app.router.add_get("/metrics", handlers.metrics)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.unknown_v1)
     return app
 
@@ -110,7 +115,7 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         state.ledger_path,
         budget=state.budget,
         busy_timeout_ms=state.config.ledger.busy_timeout_ms,
-        on_cost=[lambda cost, rec: state.limits.record(rec.client, cost, rec.started_at)],
+        on_cost=[_count_client_spend(state), _count_cost(state)],
     )
     await ledger.start()
     try:
@@ -122,6 +127,31 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await ledger.close()
+
+
+def _count_client_spend(state: ProxyState) -> Callable[[Decimal, CallRecord], None]:
+    def on_cost(cost: Decimal, rec: CallRecord) -> None:
+        state.limits.record(rec.client, cost, rec.started_at)
+
+    return on_cost
+
+
+def _count_cost(state: ProxyState) -> Callable[[Decimal, CallRecord], None]:
+    def on_cost(cost: Decimal, rec: CallRecord) -> None:
+        if state.metrics is not None:
+            state.metrics.add_cost(rec.tier or (rec.attempts[-1].tier if rec.attempts else "none"), cost)
+
+    return on_cost
+
+
+def _snapshot(state: ProxyState) -> Snapshot:
+    sink = state.sink
+    return Snapshot(
+        breakers=state.breakers.snapshot(time.monotonic()),
+        budget_remaining_usd=state.budget.remaining(time.time()),
+        ledger=sink.stats if isinstance(sink, Ledger) else None,
+        tiers=[t.id for t in state.config.tiers],
+    )
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
     serve.add_argument("--db", help="ledger SQLite file (default: ledger.path, ./ledger.db)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--log-format", default="text", choices=["text", "json"], help="one line per request; json for log shippers"
+    )
 
     check = sub.add_parser("check", help="validate the config and show what each tier resolves to")
     _config_arg(check)
@@ -67,7 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             from proxy.serve import serve
 
-            return serve(_load(args.config), host=args.host, port=args.port, db=args.db, log_level=args.log_level)
+            return serve(
+                _load(args.config),
+                host=args.host,
+                port=args.port,
+                db=args.db,
+                log_level=args.log_level,
+                log_format=args.log_format,
+            )
         if args.command == "check":
             from proxy.check import describe
 

@@ -27,6 +27,7 @@ from proxy.errors import (
 )
 from proxy.failover import ChainResult
 from proxy.ledger import Ledger
+from proxy.logs import log_request
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route
 from proxy.reports import build_report, parse_since
 from proxy.routing import make_plan, parse_hints
@@ -85,6 +86,9 @@ class _RecordCloser:
             self.done = True
             self.rec.duration_ms = (time.monotonic() - self.t0) * 1000.0
             self.state.sink.submit(self.rec)
+            if self.state.metrics is not None:
+                self.state.metrics.observe(self.rec)
+            log_request(self.rec)
 
 
 async def _serve(request: web.Request, state: ProxyState, rec: CallRecord, close: _RecordCloser) -> web.StreamResponse:
@@ -221,6 +225,13 @@ async def list_models(request: web.Request) -> web.Response:
             {"id": a, "object": "model", "created": 0, "owned_by": "proxy", "alias_of": t.id} for a in t.aliases
         )
     return web.json_response({"object": "list", "data": data})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    assert state.metrics is not None
+    body, content_type = state.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def healthz(request: web.Request) -> web.Response:

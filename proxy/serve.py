@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import Config
+from proxy.logs import setup_logging
 
 log = logging.getLogger("proxy")
 
@@ -22,8 +23,10 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(config: Config, *, host: str | None, port: int | None, db: str | None, log_level: str) -> int:
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def serve(
+    config: Config, *, host: str | None, port: int | None, db: str | None, log_level: str, log_format: str = "text"
+) -> int:
+    setup_logging(log_level, log_format)
     for w in config.warnings:
         log.warning("%s", w)
     host = _listen_host(config, host)

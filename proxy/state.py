@@ -12,8 +12,9 @@ from aiohttp import web
 from proxy.breaker import BreakerBoard
 from proxy.budget import BudgetTracker
 from proxy.clients import ClientLimits
-from proxy.config import Config
+from proxy.config import ClientKey, Config
 from proxy.failover import Failover
+from proxy.metrics import Metrics
 from proxy.records import NullSink, RecordSink
 
 
@@ -29,6 +30,7 @@ class ProxyState:
     limits: ClientLimits = field(default_factory=ClientLimits)
     gates: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # tier -> max connections
     config_path: str | None = None  # reloaded on SIGHUP when set
+    metrics: Metrics | None = None
 
     @classmethod
     def build(cls, config: Config, rng: random.Random | None = None) -> ProxyState:
@@ -54,4 +56,5 @@ def tier_gates(config: Config) -> dict[str, asyncio.Semaphore]:
 
 
 STATE = web.AppKey("proxy_state", ProxyState)
-CLIENT_KEY = "proxy.client_key"  # request-scoped: the ClientKey that authenticated the request
+# request-scoped: the ClientKey that authenticated the request
+CLIENT_KEY = web.RequestKey("proxy_client_key", ClientKey)
