@@ -163,8 +163,12 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
         keepalive_timeout=30,
     )
     # Accept-Encoding is not sent: the body is relayed as is, and identity costs no CPU to decode.
-    session = aiohttp.ClientSession(connector=connector, skip_auto_headers=("Accept-Encoding",))
+    # No cookie jar: upstream cookies must not leak between clients, and it costs per request.
+    session = aiohttp.ClientSession(
+        connector=connector, skip_auto_headers=("Accept-Encoding",), cookie_jar=aiohttp.DummyCookieJar()
+    )
     state.session = session
+    state.build_targets()
     try:
         yield
     finally:

@@ -32,7 +32,7 @@ from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Ro
 from proxy.reports import build_report, parse_since
 from proxy.routing import make_plan, parse_hints
 from proxy.state import CLIENT_KEY, STATE, ProxyState
-from proxy.upstream import Outbound, Reply, Target, attempt, forwardable_headers
+from proxy.upstream import Outbound, Reply, attempt, forwardable_headers
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -109,6 +109,7 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord, close
     )
     rec.route, rec.chain = plan.route, plan.tier_ids
     outbound = _outbound(request, chat)
+    targets = state.targets  # a reload mid-request must not change where its attempts go
     committed: list[web.StreamResponse] = []
 
     async def commit(tier: Tier, arec: AttemptRecord) -> web.StreamResponse:
@@ -122,8 +123,7 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord, close
         return resp
 
     async def send(tier: Tier, arec: AttemptRecord, timeout: float) -> Reply:
-        target = Target(state.http(), tier, state.config.server.max_response_bytes, state.gates[tier.id])
-        return await attempt(target, outbound, arec, timeout, commit if chat.stream else None)
+        return await attempt(targets[tier.id], outbound, arec, timeout, commit if chat.stream else None)
 
     result = await state.failover.run(plan, send, rec.attempts)
     _finish_record(rec, result)

@@ -18,7 +18,7 @@ from aiohttp import web
 from proxy.budget import BudgetTracker
 from proxy.config import Config, ConfigError, load_config
 from proxy.ledger import Ledger
-from proxy.state import STATE, ProxyState, tier_gates
+from proxy.state import STATE, ProxyState
 
 log = logging.getLogger("proxy.reload")
 
@@ -43,8 +43,9 @@ async def apply_config(state: ProxyState, config: Config) -> None:
         b.threshold, b.cooldown, b.successes_to_close = board.threshold, board.cooldown, board.successes_to_close
     state.failover.retries = config.retries
     state.budget = budget
-    state.gates = tier_gates(config)
     state.config = config
+    if state.session is not None:
+        state.build_targets()
 
 
 async def reload_from_file(state: ProxyState) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import random
 from dataclasses import dataclass, field
 
@@ -16,6 +15,7 @@ from proxy.config import ClientKey, Config
 from proxy.failover import Failover
 from proxy.metrics import Metrics
 from proxy.records import NullSink, RecordSink
+from proxy.upstream import Target
 
 
 @dataclass(slots=True)
@@ -28,7 +28,7 @@ class ProxyState:
     session: aiohttp.ClientSession | None = None
     ledger_path: str | None = None  # None: no ledger (records go to `sink` only)
     limits: ClientLimits = field(default_factory=ClientLimits)
-    gates: dict[str, asyncio.Semaphore] = field(default_factory=dict)  # tier -> max connections
+    targets: dict[str, Target] = field(default_factory=dict)  # tier -> where its attempts go
     config_path: str | None = None  # reloaded on SIGHUP when set
     metrics: Metrics | None = None
 
@@ -41,18 +41,18 @@ class ProxyState:
             successes_to_close=routing.recovery_threshold,
         )
         failover = Failover(retries=config.retries, breakers=breakers, rng=rng or random.Random())
-        state = cls(config=config, breakers=breakers, failover=failover, budget=BudgetTracker(config.budgets))
-        state.gates = tier_gates(config)
-        return state
+        return cls(config=config, breakers=breakers, failover=failover, budget=BudgetTracker(config.budgets))
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:
             raise RuntimeError("the upstream HTTP session is not open (app not started)")
         return self.session
 
-
-def tier_gates(config: Config) -> dict[str, asyncio.Semaphore]:
-    return {t.id: asyncio.Semaphore(t.max_connections) for t in config.tiers}
+    def build_targets(self) -> None:
+        """One Target per tier, for the open session and the current config."""
+        session = self.http()
+        limit = self.config.server.max_response_bytes
+        self.targets = {t.id: Target.build(session, t, limit) for t in self.config.tiers}
 
 
 STATE = web.AppKey("proxy_state", ProxyState)

@@ -103,10 +103,25 @@ class _ClientGone(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """Where one tier's attempts go; built once per tier, not per request."""
+
     session: aiohttp.ClientSession
     tier: Tier
     max_response_bytes: int
     gate: asyncio.Semaphore  # the tier's max concurrent connections; waiting counts against the timeout
+    # The attempt's own asyncio.timeout bounds the whole wait; only connecting is bounded here.
+    client_timeout: aiohttp.ClientTimeout
+
+    @classmethod
+    def build(cls, session: aiohttp.ClientSession, tier: Tier, max_response_bytes: int) -> Target:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=tier.connect_timeout)
+        return cls(session, tier, max_response_bytes, asyncio.Semaphore(tier.max_connections), timeout)
+
+    def post(self, out: Outbound) -> aiohttp.client._RequestContextManager:
+        tier = self.tier
+        return self.session.post(
+            tier.chat_url, data=out.body_for(tier), headers=out.headers_for(tier), timeout=self.client_timeout
+        )
 
 
 async def attempt(target: Target, out: Outbound, rec: AttemptRecord, timeout: float, commit: Committer | None) -> Reply:
@@ -138,23 +153,8 @@ def _fail(rec: AttemptRecord, outcome: AttemptOutcome, error: str) -> None:
     rec.error = error
 
 
-def _client_timeout(tier: Tier) -> aiohttp.ClientTimeout:
-    # The attempt's own asyncio.timeout bounds the whole wait; only connecting is bounded here.
-    return aiohttp.ClientTimeout(total=None, sock_connect=tier.connect_timeout)
-
-
 async def _unary(target: Target, out: Outbound, rec: AttemptRecord, timeout: float) -> Reply:
-    tier = target.tier
-    async with (
-        asyncio.timeout(timeout),
-        target.gate,
-        target.session.post(
-            tier.chat_url,
-            data=out.body_for(tier),
-            headers=out.headers_for(tier),
-            timeout=_client_timeout(tier),
-        ) as resp,
-    ):
+    async with asyncio.timeout(timeout), target.gate, target.post(out) as resp:
         rec.http_status = resp.status
         body = await _read_limited(resp, target.max_response_bytes)
         content_type = resp.headers.get("Content-Type", "application/json")
@@ -247,16 +247,7 @@ async def _stream(
 ) -> Reply:
     tier = target.tier
     watch = StreamWatch(strip_usage=out.strip_usage)
-    async with (
-        asyncio.timeout(timeout) as deadline,
-        target.gate,
-        target.session.post(
-            tier.chat_url,
-            data=out.body_for(tier),
-            headers=out.headers_for(tier),
-            timeout=_client_timeout(tier),
-        ) as resp,
-    ):
+    async with asyncio.timeout(timeout) as deadline, target.gate, target.post(out) as resp:
         rec.http_status = resp.status
         if resp.status >= 300:
             return _http_error(rec, resp, await _read_limited(resp, target.max_response_bytes))
