@@ -64,6 +64,7 @@ def _as_proxy_error(request: web.Request, e: web.HTTPException) -> ProxyError:
         return MethodNotAllowed(
             f"Method {request.method} is not allowed on {request.path}; use {allowed or 'another method'}.",
             code="method_not_allowed",
+            headers={"Allow": allowed} if allowed else None,
         )
     if e.status == 413:
         return PayloadTooLarge(f"The request body is too large ({e.reason}).", code="request_too_large")
@@ -103,6 +104,7 @@ def create_app(
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/proxy/report", handlers.report)
     app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/openapi.yaml", handlers.openapi)
     app.router.add_route("*", "/v1/{tail:.*}", handlers.unknown_v1)
     return app
 

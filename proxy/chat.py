@@ -5,6 +5,8 @@ Everything else in the body is the upstream's business and is forwarded untouche
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,19 +22,37 @@ class ChatRequest:
     stream: bool
     client_wants_usage: bool
     size: int
+    exact_numbers: bool = False  # parsed by the stdlib: integers beyond 64 bits must survive as sent
+
+
+# orjson turns integers outside 64 bits into floats; a body with such a long digit run takes the
+# slower stdlib parser, which keeps them exact (a long run inside a string costs only speed).
+_LONG_DIGITS = re.compile(rb"\d{19,}")
+
+
+def _loads(raw: bytes) -> tuple[Any, bool]:
+    if _LONG_DIGITS.search(raw) is None:
+        return orjson.loads(raw), False
+    return json.loads(raw, parse_constant=_no_constants), True
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_chat_body(raw: bytes) -> ChatRequest:
     if not raw.strip():
         raise BadRequest("The request body is empty: send a JSON object with at least 'messages'.", code="invalid_body")
     try:
-        payload = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
+        payload, exact = _loads(raw)
+    except json.JSONDecodeError as e:  # orjson's error is a subclass
         raise BadRequest(
             f"The request body is not valid JSON ({e.msg} at byte {e.pos}); send a JSON object "
             "with 'Content-Type: application/json'.",
             code="invalid_json",
         ) from None
+    except (ValueError, RecursionError) as e:
+        raise BadRequest(f"The request body is not valid JSON: {e}.", code="invalid_json") from None
     if not isinstance(payload, dict):
         raise BadRequest(f"The request body must be a JSON object, not {_json_type(payload)}.", code="invalid_body")
     _check_messages(payload.get("messages"))
@@ -52,7 +72,7 @@ def parse_chat_body(raw: bytes) -> ChatRequest:
         if not isinstance(options, dict):
             raise BadRequest("'stream_options' must be an object.", param="stream_options", code="invalid_type")
         wants_usage = options.get("include_usage") is True
-    return ChatRequest(payload, model, stream, wants_usage, len(raw))
+    return ChatRequest(payload, model, stream, wants_usage, len(raw), exact)
 
 
 def _check_messages(messages: object) -> None:

@@ -30,7 +30,8 @@ def authenticate(config: Config, authorization: str | None) -> ClientKey | None:
             "Missing API key: send 'Authorization: Bearer <key>' with a key configured in auth.keys.",
             code="missing_api_key",
         )
-    digest = hashlib.sha256(token.strip().encode()).digest()
+    # aiohttp decodes header bytes with surrogateescape: encode them back the same way.
+    digest = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).digest()
     for key in config.client_keys:
         if hmac.compare_digest(key.digest, digest):
             return key

@@ -73,7 +73,9 @@ class Failover:
                 tries += 1
                 try:
                     reply = await send(tier, rec, min(tier.timeout, remaining))
-                except asyncio.CancelledError:
+                except BaseException:
+                    # An attempt that never finished (client gone, a bug) must not keep the
+                    # breaker's half-open probe slot forever.
                     breaker.on_neutral()
                     raise
                 verdict = _verdict(rec)

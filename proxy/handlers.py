@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.resources
 import re
 import sqlite3
 import time
 import uuid
 
-from aiohttp import web
+from aiohttp import ClientConnectionResetError, web
+from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.budget import budget_json
 from proxy.chat import ChatRequest, ask_for_usage, parse_chat_body
@@ -34,6 +36,7 @@ from proxy.routing import make_plan, parse_hints
 from proxy.state import CLIENT_KEY, STATE, ProxyState
 from proxy.upstream import Outbound, Reply, attempt, forwardable_headers
 
+_OPENAPI = importlib.resources.files("proxy") / "openapi.yaml"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -109,6 +112,13 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord, close
     )
     rec.route, rec.chain = plan.route, plan.tier_ids
     outbound = _outbound(request, chat)
+    try:
+        outbound.body_for(plan.chain[0])
+    except (TypeError, ValueError, RecursionError) as e:  # orjson.JSONEncodeError is a TypeError
+        raise BadRequest(
+            f"The request body cannot be forwarded: {e} (JSON nested deeper than about 250 levels?).",
+            code="invalid_body",
+        ) from None
     targets = state.targets  # a reload mid-request must not change where its attempts go
     committed: list[web.StreamResponse] = []
 
@@ -128,7 +138,11 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord, close
     result = await state.failover.run(plan, send, rec.attempts)
     _finish_record(rec, result)
     if committed:
-        await committed[0].write_eof()
+        try:
+            await committed[0].write_eof()
+        except (ConnectionResetError, ClientConnectionResetError):
+            # The client left right after the last event: it got the answer, but not cleanly.
+            rec.outcome, rec.error = Outcome.CLIENT_CANCELLED, "client disconnected at the end of the stream"
         return committed[0]
     close()
     return _respond(rec, result, state)
@@ -143,6 +157,10 @@ async def _read_body(request: web.Request, state: ProxyState) -> bytes:
         raise PayloadTooLarge(
             f"The request body is larger than {server.max_body_bytes} bytes (server.max_body_bytes).",
             code="request_too_large",
+        ) from None
+    except RequestPayloadError as e:
+        raise BadRequest(
+            f"The request body cannot be read: {e}. Check its Content-Encoding.", code="invalid_body"
         ) from None
     except TimeoutError:
         raise RequestTimeout(
@@ -159,6 +177,7 @@ def _outbound(request: web.Request, chat: ChatRequest) -> Outbound:
         stream=chat.stream,
         strip_usage=strip,
         request_bytes=chat.size,
+        exact_numbers=chat.exact_numbers,
     )
 
 
@@ -234,6 +253,10 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=_OPENAPI.read_bytes(), headers={"Content-Type": "application/yaml"})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -286,8 +309,8 @@ async def report(request: web.Request) -> web.Response:
 
 
 async def unknown_v1(request: web.Request) -> web.Response:
-    allowed = _KNOWN.get(request.path.rstrip("/"))
-    if allowed is not None:
+    allowed = _KNOWN.get(request.path)
+    if allowed is not None and allowed != request.method:
         raise MethodNotAllowed(
             f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
             code="method_not_allowed",

@@ -590,11 +590,22 @@ def spill_path(db_path: str | Path) -> Path:
 
 
 def append_spill(path: Path, entries: Sequence[Entry]) -> None:
-    data = b"".join(e.to_json() + b"\n" for e in entries)
-    with open(path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append whole lines or nothing: a write cut short (disk full) is truncated away, so the
+    retry that follows does not glue its first line onto half a line."""
+    data = memoryview(b"".join(e.to_json() + b"\n" for e in entries))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)

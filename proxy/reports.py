@@ -39,6 +39,9 @@ _SINCE_RE = re.compile(r"^\s*(\d{1,6})\s*([hd])\s*$", re.IGNORECASE)
 _NO_TIER = ""
 
 
+_MAX_SINCE_HOURS = 36500 * 24
+
+
 def parse_since(since: str, now: float) -> float | None:
     """The window start as unix seconds, None for `all`; ValueError names the allowed values."""
     if since.strip().lower() == "all":
@@ -47,6 +50,8 @@ def parse_since(since: str, now: float) -> float | None:
     if m is None or int(m.group(1)) == 0:
         raise ValueError(f"invalid --since {since!r}: expected {ALLOWED_SINCE}")
     hours = int(m.group(1)) * (24 if m.group(2).lower() == "d" else 1)
+    if hours > _MAX_SINCE_HOURS:
+        raise ValueError(f"invalid --since {since!r}: at most 100 years (36500d); use 'all' for everything")
     return now - hours * 3600.0
 
 

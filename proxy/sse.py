@@ -25,7 +25,10 @@ _ERROR_MARKER = b'"error"'
 @dataclass(slots=True)
 class StreamWatch:
     strip_usage: bool  # the client did not ask for usage: hide the usage-only event
+    max_event_bytes: int = 16 * 1024 * 1024  # an unterminated event past this is a broken upstream
     buffer: bytes = b""
+    overflow: bool = False  # an event grew past max_event_bytes: stop reading
+    truncated: bool = False  # the stream ended in the middle of an event
     data_events: int = 0
     done: bool = False
     usage: Usage | None = None
@@ -39,6 +42,8 @@ class StreamWatch:
         cut = _last_boundary(buf)
         if cut == 0:
             self.buffer = buf
+            if len(buf) > self.max_event_bytes:
+                self.overflow, self.buffer = True, b""
             return b""
         out, self.buffer = buf[:cut], buf[cut:]
         if self.strip_usage:
@@ -47,10 +52,14 @@ class StreamWatch:
         return self._inspect(out)
 
     def finish(self) -> bytes:
-        """The upstream closed: whatever is left is an unterminated event."""
+        """The upstream closed. A last event whose lines are complete (only the blank line is
+        missing) still counts; half a line is not an event and is not passed on."""
         rest, self.buffer = self.buffer, b""
-        if rest.strip():
-            return self._inspect(rest)
+        if not rest.strip():
+            return b""
+        if rest.endswith((b"\n", b"\r")) or rest.rstrip().endswith(_DONE):
+            return self._inspect(rest.rstrip(b"\r\n") + b"\n\n")
+        self.truncated = True
         return b""
 
     def _inspect(self, out: bytes) -> bytes:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -64,13 +65,20 @@ class Outbound:
     stream: bool
     strip_usage: bool  # usage was requested by the proxy, not the client
     request_bytes: int
+    exact_numbers: bool = False  # serialise with the stdlib (integers beyond 64 bits)
     _bodies: dict[str, bytes] = field(default_factory=dict)
 
     def body_for(self, tier: Tier) -> bytes:
+        """The body for `tier` (cached). Raises TypeError for what cannot be serialised, such as
+        nesting deeper than orjson writes: callers serialise once before the first attempt."""
         body = self._bodies.get(tier.id)
         if body is None:
             self.payload["model"] = tier.model
-            body = self._bodies[tier.id] = orjson.dumps(self.payload)
+            if self.exact_numbers:
+                body = json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False).encode()
+            else:
+                body = orjson.dumps(self.payload)
+            self._bodies[tier.id] = body
         return body
 
     def headers_for(self, tier: Tier) -> dict[str, str]:
@@ -246,7 +254,7 @@ async def _stream(
     target: Target, out: Outbound, rec: AttemptRecord, timeout: float, commit: Committer, t0: float
 ) -> Reply:
     tier = target.tier
-    watch = StreamWatch(strip_usage=out.strip_usage)
+    watch = StreamWatch(strip_usage=out.strip_usage, max_event_bytes=target.max_response_bytes)
     async with asyncio.timeout(timeout) as deadline, target.gate, target.post(out) as resp:
         rec.http_status = resp.status
         if resp.status >= 300:
@@ -258,8 +266,11 @@ async def _stream(
         pending = b""
         async for chunk in resp.content.iter_any():
             pending += watch.feed(chunk)
-            if watch.data_events:
+            if watch.data_events or watch.overflow:
                 break
+        if watch.overflow:
+            _fail(rec, AttemptOutcome.BAD_RESPONSE, f"stream event too large (over {target.max_response_bytes} bytes)")
+            return Reply()
         if not watch.data_events:
             _fail(rec, AttemptOutcome.BAD_RESPONSE, "stream ended before its first event")
             return Reply()
@@ -298,6 +309,8 @@ async def _relay(
                 if data:
                     gap.reschedule(loop.time() + idle)
                     await _write(client, data)
+                elif watch.overflow:
+                    break
         await _write(client, watch.finish())
     except TimeoutError:
         _fail(rec, AttemptOutcome.TIMEOUT, f"stream stalled: no event for {idle:.3g}s")
@@ -307,14 +320,18 @@ async def _relay(
         _fail(rec, AttemptOutcome.CANCELLED, "client disconnected mid-stream")
         raise asyncio.CancelledError from None
     else:
-        if watch.error:
+        if watch.overflow:
+            _fail(rec, AttemptOutcome.BAD_RESPONSE, f"stream event too large (over {watch.max_event_bytes} bytes)")
+        elif watch.error:
             _fail(rec, AttemptOutcome.BAD_RESPONSE, f"upstream error in stream: {watch.error}")
+        elif watch.truncated:
+            _fail(rec, AttemptOutcome.BAD_RESPONSE, "upstream stream ended in the middle of an event")
         elif not watch.done:
             _fail(rec, AttemptOutcome.BAD_RESPONSE, "upstream stream ended without [DONE]")
         else:
             rec.outcome = AttemptOutcome.OK
-        if rec.outcome is AttemptOutcome.OK or watch.error:
-            return
+        if rec.outcome is AttemptOutcome.OK or (watch.error and not watch.overflow):
+            return  # an upstream error event was already passed on as it came
     await _end_with_error(client, rec.error or "stream interrupted")
 
 

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections import deque
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,8 @@ class Sim:
     stats: SimStats
     owner: SimThread
     queue: deque[Behaviour | RawReply] = field(default_factory=deque)
+    # Asked for each chat request the queue does not cover; a Behaviour overrides the default.
+    chooser: Callable[[], Behaviour | None] | None = None
     raw_bytes_sent: int = 0
 
     @property
@@ -132,6 +135,7 @@ class Sim:
         self.settings.script.clear()
         self.settings.failure_rate = 0.0
         self.queue.clear()
+        self.chooser = None
         self.stats.hits = self.stats.cancelled = 0
         self.stats.requests.clear()
         self.raw_bytes_sent = 0
@@ -159,8 +163,14 @@ _SIM = web.AppKey("fault_sim", Sim)
 @web.middleware
 async def _scripted(request: web.Request, handler: Any) -> web.StreamResponse:
     sim = request.app[_SIM]
-    if request.method != "POST" or not request.path.endswith("/chat/completions") or not sim.queue:
+    if request.method != "POST" or not request.path.endswith("/chat/completions"):
         resp: web.StreamResponse = await handler(request)
+        return resp
+    if not sim.queue:
+        chosen = sim.chooser() if sim.chooser is not None else None
+        if chosen is not None:
+            request.app[SIM_SETTINGS].script.appendleft(chosen)
+        resp = await handler(request)
         return resp
     item = sim.queue.popleft()
     if isinstance(item, Behaviour):
@@ -220,14 +230,14 @@ class SimThread:
     async def _add(self, name: str, settings: SimSettings) -> Sim:
         app = create_sim_app(settings)
         app.middlewares.append(_scripted)
+        sim = Sim(name, "", settings, app[SIM_STATS], self)
+        app[_SIM] = sim
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         self._runners.append(runner)
-        port = runner.addresses[0][1]
-        sim = Sim(name, f"http://127.0.0.1:{port}/v1", settings, app[SIM_STATS], self)
-        app[_SIM] = sim
+        sim.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
         return sim
 
     def blackhole(self) -> Blackhole:
@@ -341,7 +351,7 @@ class ProxyProc:
     ) -> ProxyProc:
         workdir.mkdir(parents=True, exist_ok=True)
         cfg = workdir / "proxy.yaml"
-        cfg.write_text(yaml.safe_dump(config))
+        cfg.write_text(yaml.safe_dump(config, sort_keys=False))  # tier order is chain order
         log = workdir / "proxy.log"
         port = free_port()
         with log.open("ab") as err:
@@ -401,6 +411,39 @@ class ProxyProc:
 
     def fd_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def fds_by_peer(self, ports: Iterable[int]) -> tuple[int, int]:
+        """(open fds, of which TCP sockets connected to one of `ports`: the upstream keep-alive pool)."""
+        peers = _socket_peer_ports()
+        wanted = set(ports)
+        total = upstream = 0
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            total += 1
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue
+            if target.startswith("socket:[") and peers.get(int(target[8:-1])) in wanted:
+                upstream += 1
+        return total, upstream
+
+
+def _socket_peer_ports() -> dict[int, int]:
+    """socket inode -> remote port, for this network namespace's TCP sockets."""
+    out: dict[int, int] = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            cols = line.split()
+            out[int(cols[9])] = int(cols[2].rsplit(":", 1)[1], 16)
+    return out
+
+
+def port_of(url: str) -> int:
+    return int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
 
 
 # ---------------------------------------------------------------------------- the client side
@@ -534,7 +577,7 @@ def ledger_rows(db: Path, rid: str, timeout: float = 3.0) -> tuple[dict[str, Any
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with _connect(db) as conn:
+            with contextlib.closing(_connect(db)) as conn:
                 req = conn.execute("SELECT * FROM requests WHERE id = ?", (rid,)).fetchone()
                 if req is not None:
                     atts = conn.execute("SELECT * FROM attempts WHERE request_id = ? ORDER BY n", (rid,)).fetchall()
@@ -547,7 +590,7 @@ def ledger_rows(db: Path, rid: str, timeout: float = 3.0) -> tuple[dict[str, Any
 
 
 def count_rows(db: Path, table: str = "requests", where: str = "1") -> int:
-    with _connect(db) as conn:
+    with contextlib.closing(_connect(db)) as conn:
         return int(conn.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0])
 
 
@@ -567,7 +610,7 @@ def wait_count(db: Path, expected: int, table: str = "requests", timeout: float 
 
 
 def integrity(db: Path) -> str:
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
         return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
 
 
@@ -576,6 +619,15 @@ def spill_lines(db: Path) -> int:
     if not path.exists():
         return 0
     return sum(1 for line in path.read_bytes().splitlines() if line.strip())
+
+
+def observation_for(request: Any) -> Observation:
+    """An Observation for a pytest item: described by its `case` parameter or its docstring."""
+    node = request.node
+    callspec = getattr(node, "callspec", None)
+    case = callspec.params.get("case") if callspec is not None else None
+    text = getattr(case, "description", None) or (node.function.__doc__ or node.name).strip().split("\n\n")[0]
+    return Observation(node.nodeid, " ".join(text.split()))
 
 
 def summarize_ledger(req: Mapping[str, Any], atts: Iterable[Mapping[str, Any]]) -> str:
