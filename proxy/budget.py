@@ -181,6 +181,8 @@ class BudgetTracker:
 
     def reopens_in(self, now: float) -> float | None:
         """Seconds until every exhausted window has reset (for Retry-After); None when allowed."""
+        if not self._windows:
+            return None
         ends = [_midnight(s.resets_at) for s in self.state(now).windows if s.exhausted]
         return max(ends) - now if ends else None
 

@@ -9,7 +9,6 @@ import importlib.resources
 import re
 import sqlite3
 import time
-import uuid
 
 from aiohttp import ClientConnectionResetError, web
 from aiohttp.web_protocol import RequestPayloadError
@@ -40,17 +39,17 @@ _OPENAPI = importlib.resources.files("proxy") / "openapi.yaml"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def _request_id(request: web.Request) -> str:
+def _request_id(request: web.Request, state: ProxyState) -> str:
     given = request.headers.get("X-Request-Id")
     if given is not None and _REQUEST_ID.match(given):
         return given
-    return uuid.uuid4().hex
+    return state.new_request_id()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     rec = CallRecord(
-        request_id=_request_id(request),
+        request_id=_request_id(request, state),
         started_at=time.time(),
         route=Route.DEFAULT,
         chain=(),

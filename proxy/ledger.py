@@ -51,6 +51,7 @@ DEFAULT_RETRY_DELAYS = (0.05, 0.25)
 # When neither the database nor the spill file can be written, rows wait in memory (up to this
 # many) and are retried every HOLD_RETRY_SECONDS: a full or read-only disk usually comes back.
 MAX_HELD_ROWS = 100_000
+LINGER_SECONDS = 0.05  # how long the writer waits for a batch to fill
 HOLD_RETRY_SECONDS = 1.0
 _LATENCY_GROWTH = 1.05
 _LOG_GROWTH = math.log(_LATENCY_GROWTH)
@@ -723,6 +724,7 @@ class Ledger:
         busy_timeout_ms: int = 2000,
         hold_retry_seconds: float = HOLD_RETRY_SECONDS,
         on_cost: Sequence[Callable[[Decimal, CallRecord], None]] = (),
+        linger: float = LINGER_SECONDS,
     ) -> None:
         self.path = Path(path if path is not None else config.ledger.path)
         self.spill_path = spill_path(self.path)
@@ -742,6 +744,7 @@ class Ledger:
         self._written = self._spilled = self._imported = self._failed = 0
         self._holding = False
         self._hold_retry_seconds = hold_retry_seconds
+        self._linger = linger
         self._on_cost = tuple(on_cost)  # told every priced request's cost (client caps, metrics)
 
     # -- request path
@@ -843,6 +846,10 @@ class Ledger:
 
     async def _run(self) -> None:
         while True:
+            if 0 < len(self._queue) < self._batch_size and not self._closing:
+                # Let a few more records arrive: one transaction for many rows costs far less
+                # CPU than many small ones, and nobody waits on the ledger.
+                await asyncio.sleep(self._linger)
             if not self._queue:
                 self._drained.set()
                 if self._closing:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -31,6 +34,13 @@ class ProxyState:
     targets: dict[str, Target] = field(default_factory=dict)  # tier -> where its attempts go
     config_path: str | None = None  # reloaded on SIGHUP when set
     metrics: Metrics | None = None
+    # Request ids: a random per-process prefix and a counter; as unique as uuid4, without a
+    # getrandom() system call per request.
+    id_prefix: str = field(default_factory=lambda: os.urandom(8).hex())
+    id_counter: Iterator[int] = field(default_factory=itertools.count)
+
+    def new_request_id(self) -> str:
+        return f"{self.id_prefix}{next(self.id_counter):016x}"
 
     @classmethod
     def build(cls, config: Config, rng: random.Random | None = None) -> ProxyState:
