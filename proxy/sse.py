@@ -71,47 +71,57 @@ class StreamWatch:
         self.data_events += n
         if _DONE in out:
             self.done = True
-        if any(m in out for m in _USAGE_MARKERS) or _ERROR_MARKER in out:
+        if _USAGE_MARKERS[0] in out or _USAGE_MARKERS[1] in out or _ERROR_MARKER in out:
             out = self._read_special(out)
         return out
 
     def _read_first(self, out: bytes) -> None:
-        for event in _events(out):
-            payload = _data_of(event)
-            if payload is None:
-                continue
-            try:
-                decoded = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                self.error = "the first stream event is not JSON"
-                self.first = {}
-                return
-            if not isinstance(decoded, dict):
-                self.error = "the first stream event is not a JSON object"
-                self.first = {}
-                return
-            self.first = decoded
-            model = decoded.get("model")
-            self.model = model if isinstance(model, str) else None
+        i = _first_data_line(out)
+        if i < 0:
             return
+        start, end = _event_around(out, i)
+        payload = _data_of(out[start:end]) or b""
+        try:
+            decoded = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            self.error = "the first stream event is not JSON"
+            self.first = {}
+            return
+        if not isinstance(decoded, dict):
+            self.error = "the first stream event is not a JSON object"
+            self.first = {}
+            return
+        self.first = decoded
+        model = decoded.get("model")
+        self.model = model if isinstance(model, str) else None
 
     def _read_special(self, out: bytes) -> bytes:
-        kept: list[bytes] = []
-        dropped = False
-        for event in _events(out):
-            payload = _data_of(event)
+        """Parse only the events that carry a usage object or an error; drop the usage-only
+        event when the client did not ask for it. Content deltas are never decoded."""
+        drop: list[tuple[int, int]] = []
+        pos = 0
+        while (hit := _next_marker(out, pos)) >= 0:
+            start, end = _event_around(out, hit)
+            pos = end
+            payload = _data_of(out[start:end])
             decoded = _loads_or_none(payload) if payload is not None and payload != _DONE else None
-            if isinstance(decoded, dict):
-                if "error" in decoded and "choices" not in decoded:
-                    self.error = _error_text(decoded["error"])
-                usage = parse_usage(decoded.get("usage"), UsageSource.UPSTREAM)
-                if usage is not None:
-                    self.usage = usage
-                    if self.strip_usage and not decoded.get("choices"):
-                        dropped = True
-                        continue
-            kept.append(event)
-        return b"".join(kept) if dropped else out
+            if not isinstance(decoded, dict):
+                continue
+            if "error" in decoded and "choices" not in decoded:
+                self.error = _error_text(decoded["error"])
+            usage = parse_usage(decoded.get("usage"), UsageSource.UPSTREAM)
+            if usage is not None:
+                self.usage = usage
+                if self.strip_usage and not decoded.get("choices"):
+                    drop.append((start, end))
+        if not drop:
+            return out
+        parts, last = [], 0
+        for start, end in drop:
+            parts.append(out[last:start])
+            last = end
+        parts.append(out[last:])
+        return b"".join(parts)
 
     @property
     def first_is_completion_chunk(self) -> bool:
@@ -124,19 +134,29 @@ def _last_boundary(buf: bytes) -> int:
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
-def _events(out: bytes) -> list[bytes]:
-    """Split complete events, each keeping its own terminator so bytes can be re-joined as they were."""
-    events: list[bytes] = []
-    start = 0
-    size = len(out)
-    while start < size:
-        lf = out.find(b"\n\n", start)
-        crlf = out.find(b"\r\n\r\n", start)
-        ends = [e for e in (lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1) if e > 0]
-        end = min(ends) if ends else size
-        events.append(out[start:end])
-        start = end
-    return events
+def _first_data_line(out: bytes) -> int:
+    """Where the first `data:` field starts a line (not inside a comment), or -1."""
+    i = out.find(_DATA)
+    while i > 0 and out[i - 1] not in b"\r\n":
+        i = out.find(_DATA, i + 1)
+    return i
+
+
+def _next_marker(out: bytes, pos: int) -> int:
+    found = [i for m in (*_USAGE_MARKERS, _ERROR_MARKER) if (i := out.find(m, pos)) >= 0]
+    return min(found) if found else -1
+
+
+def _event_around(out: bytes, i: int) -> tuple[int, int]:
+    """The [start, end) of the event containing byte i, terminator included. Every search is
+    bounded by the nearest LF LF, so scanning a chunk of many events stays linear."""
+    lf = out.rfind(b"\n\n", 0, i)
+    crlf = out.rfind(b"\r\n\r\n", max(lf, 0), i)
+    start = crlf + 4 if crlf >= 0 else (lf + 2 if lf >= 0 else 0)
+    lf = out.find(b"\n\n", i)
+    stop = lf + 2 if lf >= 0 else len(out)
+    crlf = out.find(b"\r\n\r\n", i, stop)
+    return start, crlf + 4 if crlf >= 0 else stop
 
 
 def _data_of(event: bytes) -> bytes | None:
