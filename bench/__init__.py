@@ -1,0 +1,1 @@
+"""Benchmark harness: the same load direct, through this proxy, and through LiteLLM (`python -m bench`)."""
