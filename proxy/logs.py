@@ -8,11 +8,13 @@ completion text and are never read here.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import IO, Any
 
 import orjson
@@ -31,11 +33,59 @@ _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
 
 
 class _ProxyHandler(logging.StreamHandler[IO[str]]):
-    """Marks the handler setup_logging installed, so a second call replaces it instead of adding one."""
+    """The handler setup_logging installs (a second call replaces it instead of adding one).
+
+    Buffered, it leaves lines in the stream's buffer instead of a write() per line, which costs
+    more than formatting the line; `flush_logs` (every second from the server) and any warning
+    or error push them out.
+    """
+
+    def __init__(self, stream: IO[str], buffered: bool = False) -> None:
+        super().__init__(stream)
+        self.buffered = buffered
+
+    def flush(self) -> None:
+        if not self.buffered:
+            super().flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        if self.buffered and record.levelno >= logging.WARNING:
+            super().flush()
+
+    def flush_now(self) -> None:
+        super().flush()
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text", *, stream: IO[str] | None = None) -> None:
-    """Send the root logger to stderr (or `stream`) as text or JSON lines. Safe to call again."""
+def flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, _ProxyHandler):
+            handler.flush_now()
+
+
+async def flush_logs_periodically(app: object) -> AsyncIterator[None]:
+    """cleanup_ctx for a server with buffered logs: lines reach stderr within a second."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            flush_logs()
+
+    task = asyncio.get_running_loop().create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        flush_logs()
+
+
+def setup_logging(
+    level: str = "INFO", fmt: str = "text", *, stream: IO[str] | None = None, buffered: bool = False
+) -> None:
+    """Send the root logger to stderr (or `stream`) as text or JSON lines. Safe to call again.
+    `buffered`: see _ProxyHandler (the server uses it; stderr itself writes every line)."""
     levelno = logging.getLevelNamesMapping().get(level.upper())
     if levelno is None:
         raise ValueError(f"unknown log level {level!r}")
@@ -45,7 +95,9 @@ def setup_logging(level: str = "INFO", fmt: str = "text", *, stream: IO[str] | N
     for old in [h for h in root.handlers if isinstance(h, _ProxyHandler)]:
         root.removeHandler(old)
         old.close()
-    handler = _ProxyHandler(stream if stream is not None else sys.stderr)
+    if stream is None and buffered:
+        stream = open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8", closefd=False)  # noqa: SIM115
+    handler = _ProxyHandler(stream if stream is not None else sys.stderr, buffered)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(levelno)

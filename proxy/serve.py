@@ -10,7 +10,7 @@ from aiohttp import web
 
 from proxy.app import create_app
 from proxy.config import Config
-from proxy.logs import setup_logging
+from proxy.logs import flush_logs_periodically, setup_logging
 
 log = logging.getLogger("proxy")
 
@@ -26,13 +26,14 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def serve(
     config: Config, *, host: str | None, port: int | None, db: str | None, log_level: str, log_format: str = "text"
 ) -> int:
-    setup_logging(log_level, log_format)
+    setup_logging(log_level, log_format, buffered=True)
     for w in config.warnings:
         log.warning("%s", w)
     host = _listen_host(config, host)
     port = config.server.port if port is None else port
     config_path = None if config.source.startswith("<") else config.source
     app = create_app(config, db_path=db, config_path=config_path)
+    app.cleanup_ctx.append(flush_logs_periodically)
     usable = ", ".join(t.id for t in config.usable_tiers) or "none"
     log.info("proxy listening on http://%s:%d/v1 (config %s; usable tiers: %s)", host, port, config.source, usable)
     web.run_app(
