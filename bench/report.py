@@ -262,7 +262,16 @@ def _profile_text(prof: dict[str, Any] | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Written by hand: what limits the proxy and what was tried; kept below the generated figures.
+ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
+
+
 def markdown(results: dict[str, Any], json_path: Path, chart_path: Path) -> str:
+    analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
+    return _generated(results, json_path, chart_path) + ("\n" + analysis if analysis else "")
+
+
+def _generated(results: dict[str, Any], json_path: Path, chart_path: Path) -> str:
     m = results["meta"]
     plan = m.get("plan", {})
     checks_md = "\n".join(
