@@ -22,17 +22,11 @@ from typing import Any
 import aiosqlite
 import orjson
 
-from proxy.ledger import (
-    bucket_ms,
-    has_spill,
-    import_spill,
-    iso_utc,
-    latency_bucket,
-    open_db,
-    spill_path,
-)
+from proxy.ledger_db import open_db
+from proxy.ledger_rows import bucket_ms, iso_utc, latency_bucket
 from proxy.migrations import pending
 from proxy.pricing import from_nano, round_micro
+from proxy.spill import has_spill, import_spill, spill_path
 
 ALLOWED_SINCE = "24h, 7d, 30d, all, or a whole number of hours or days such as 12h or 90d"
 _SINCE_RE = re.compile(r"^\s*(\d{1,6})\s*([hd])\s*$", re.IGNORECASE)
