@@ -128,7 +128,11 @@ async def _serve(request: web.Request, state: ProxyState, rec: CallRecord, close
         headers["Cache-Control"] = "no-cache"
         resp = web.StreamResponse(status=200, headers=headers)
         committed.append(resp)
-        await resp.prepare(request)
+        try:
+            await resp.prepare(request)
+        except (ConnectionResetError, ClientConnectionResetError):
+            # Our client left before the first event reached it: that is not the tier's failure.
+            raise asyncio.CancelledError from None
         return resp
 
     async def send(tier: Tier, arec: AttemptRecord, timeout: float) -> Reply:
