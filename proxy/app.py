@@ -117,7 +117,7 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         state.ledger_path,
         budget=state.budget,
         busy_timeout_ms=state.config.ledger.busy_timeout_ms,
-        on_cost=[_count_client_spend(state), _count_cost(state)],
+        on_cost=[functools.partial(_count_cost, state)],
     )
     await ledger.start()
     try:
@@ -131,19 +131,11 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         await ledger.close()
 
 
-def _count_client_spend(state: ProxyState) -> Callable[[Decimal, CallRecord], None]:
-    def on_cost(cost: Decimal, rec: CallRecord) -> None:
-        state.limits.record(rec.client, cost, rec.started_at)
-
-    return on_cost
-
-
-def _count_cost(state: ProxyState) -> Callable[[Decimal, CallRecord], None]:
-    def on_cost(cost: Decimal, rec: CallRecord) -> None:
-        if state.metrics is not None:
-            state.metrics.add_cost(rec.tier or (rec.attempts[-1].tier if rec.attempts else "none"), cost)
-
-    return on_cost
+def _count_cost(state: ProxyState, cost: Decimal, rec: CallRecord) -> None:
+    """What the ledger priced: toward the client's daily cap and the cost metric."""
+    state.limits.record(rec.client, cost, rec.started_at)
+    if state.metrics is not None:
+        state.metrics.add_cost(rec.tier or (rec.attempts[-1].tier if rec.attempts else "none"), cost)
 
 
 def _snapshot(state: ProxyState) -> Snapshot:
