@@ -98,14 +98,15 @@ def create_app(
     if config_path is not None:
         state.config_path = config_path
         app.cleanup_ctx.append(sighup_reloads)
-    app.router.add_post("/v1/chat/completions", handlers.chat_completions)
-    app.router.add_get("/v1/models", handlers.list_models)
-    app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/proxy/report", handlers.report)
-    app.router.add_get("/metrics", handlers.metrics)
-    app.router.add_get("/openapi.yaml", handlers.openapi)
-    app.router.add_route("*", "/v1/{tail:.*}", handlers.unknown_v1)
+    expect = handlers.expect  # other Expect values than 100-continue get a 417 in OpenAI's format
+    app.router.add_post("/v1/chat/completions", handlers.chat_completions, expect_handler=expect)
+    app.router.add_get("/v1/models", handlers.list_models, expect_handler=expect)
+    app.router.add_get("/healthz", handlers.healthz, expect_handler=expect)
+    app.router.add_get("/readyz", handlers.readyz, expect_handler=expect)
+    app.router.add_get("/proxy/report", handlers.report, expect_handler=expect)
+    app.router.add_get("/metrics", handlers.metrics, expect_handler=expect)
+    app.router.add_get("/openapi.yaml", handlers.openapi, expect_handler=expect)
+    app.router.add_route("*", "/v1/{tail:.*}", handlers.unknown_v1, expect_handler=expect)
     return app
 
 

@@ -80,6 +80,9 @@ class ServerSpec(_Strict, frozen=True):
     max_response_bytes: AtLeastOne = 64 * 1024 * 1024
     shutdown_timeout_seconds: Positive = 30.0
     body_read_timeout_seconds: Positive = 30.0  # a client must send its whole body within this
+    # A connection must send a complete request head within this of opening or of its previous
+    # response, else it is closed: idle keep-alive connections and slowloris clients alike.
+    idle_timeout_seconds: Positive = 30.0
 
 
 class ClientKeySpec(_Strict, frozen=True):

@@ -5,7 +5,9 @@ ProxyError                      an error the proxy answers with, in OpenAI's for
 ├── Unauthorized        401     missing or wrong client key
 ├── NotFound            404     unknown path, or `model_not_found`
 ├── MethodNotAllowed    405
+├── RequestTimeout      408     the body did not arrive in time
 ├── PayloadTooLarge     413
+├── ExpectationFailed   417     an Expect header other than 100-continue
 ├── RateLimited         429     client limits and budgets (always with Retry-After)
 ├── Unavailable         503     no tier can take this request
 └── ChainFailed         502/504 every attempt failed; the message lists each attempt
@@ -65,6 +67,11 @@ class RequestTimeout(ProxyError):
 
 class PayloadTooLarge(ProxyError):
     status = 413
+    type = "invalid_request_error"
+
+
+class ExpectationFailed(ProxyError):
+    status = 417
     type = "invalid_request_error"
 
 

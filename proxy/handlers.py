@@ -10,7 +10,7 @@ import re
 import sqlite3
 import time
 
-from aiohttp import ClientConnectionResetError, web
+from aiohttp import ClientConnectionResetError, HttpVersion11, web
 from aiohttp.web_protocol import RequestPayloadError
 
 from proxy.budget import budget_json
@@ -18,6 +18,7 @@ from proxy.chat import ChatRequest, ask_for_usage, parse_chat_body
 from proxy.config import Tier
 from proxy.errors import (
     BadRequest,
+    ExpectationFailed,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -323,4 +324,22 @@ async def unknown_v1(request: web.Request) -> web.Response:
         f"Unknown endpoint {request.method} {request.path}: this proxy serves POST /v1/chat/completions "
         "and GET /v1/models.",
         code="unknown_url",
+    )
+
+
+async def expect(request: web.Request) -> web.Response | None:
+    """`Expect: 100-continue` is answered as aiohttp does; any other expectation gets a 417 in
+    OpenAI's format (aiohttp's own answer is text/plain and skips the middlewares)."""
+    value = request.headers.get("Expect", "")
+    if request.version != HttpVersion11:
+        return None
+    if value.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim response is not the start of the real one
+        return None
+    return error_response(
+        ExpectationFailed(
+            f"Unsupported Expect header {value!r}: only 100-continue is supported; remove the header.",
+            code="expectation_failed",
+        )
     )

@@ -6,11 +6,10 @@ import asyncio
 import ipaddress
 import logging
 
-from aiohttp import web
-
 from proxy.app import create_app
 from proxy.config import Config
 from proxy.logs import flush_logs_periodically, setup_logging
+from proxy.server import run
 
 log = logging.getLogger("proxy")
 
@@ -36,16 +35,7 @@ def serve(
     app.cleanup_ctx.append(flush_logs_periodically)
     usable = ", ".join(t.id for t in config.usable_tiers) or "none"
     log.info("proxy listening on http://%s:%d/v1 (config %s; usable tiers: %s)", host, port, config.source, usable)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        access_log=None,
-        handler_cancellation=True,
-        shutdown_timeout=config.server.shutdown_timeout_seconds,
-        print=None,
-        loop=_new_loop(),
-    )
+    run(app, host, port, config.server, _new_loop())
     return 0
 
 

@@ -16,6 +16,7 @@ from proxy.app import create_app
 from proxy.config import Config, build_config
 from proxy.simulate import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
 from tests.support.llamacpp import LlamaCppServer
+from tests.support.server import ProxyTestServer
 from tests.support.tiny_gguf import write_tiny_model
 
 FAST = {"backoff_initial_seconds": 0.01, "backoff_max_seconds": 0.05, "request_deadline_seconds": 5.0}
@@ -107,7 +108,7 @@ def make_proxy(
     ) -> TestClient[web.Request, web.Application]:
         raw = {"tiers": tiers or tier_config(upstreams), **sections}
         raw["ledger"] = {"path": str(tmp_path / "ledger.db"), **raw.get("ledger", {})}
-        return await aiohttp_client(create_app(make_config(raw, env)))
+        return await aiohttp_client(ProxyTestServer(create_app(make_config(raw, env))))
 
     return factory
 

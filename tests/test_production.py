@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import yaml
 from aiohttp.test_utils import TestServer
 
@@ -244,3 +245,50 @@ def test_loopback_only_without_keys() -> None:
     assert _listen_host(open_config, "0.0.0.0") == "0.0.0.0"
     keyed = build_config({"server": {"host": "0.0.0.0"}, "auth": AUTH}, "<t>", ENV)
     assert _listen_host(keyed, None) == "0.0.0.0"
+
+
+async def _closed_within(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float) -> float:
+    """Drip header lines until the server closes the connection; how long it took."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    async with asyncio.timeout(seconds):
+        while True:
+            try:
+                writer.write(b"X-Drip: 1\r\n")
+                await writer.drain()
+                if await asyncio.wait_for(reader.read(1024), 0.05) == b"":
+                    return loop.time() - t0
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                return loop.time() - t0
+
+
+async def test_real_process_drops_slow_heads_and_answers_bad_http_in_json(
+    tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    run, stats, _ = await _serve_with_sim(tmp_path, aiohttp_server, {"server": {"idle_timeout_seconds": 0.3}}, {})
+    host, port = "127.0.0.1", int(run.url.rsplit(":", 1)[1])
+    try:
+        silent = await asyncio.open_connection(host, port)
+        drip = await asyncio.open_connection(host, port)
+        drip[1].write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(f"{run.url}/v1/chat/completions", json={"model": "auto", **MSG}) as r,
+        ):
+            assert r.status == 200, "a slow client does not hold up the others"
+        took = await _closed_within(*drip, 3)
+        assert 0.25 <= took < 2, f"a dripped request head is cut off at the idle timeout, not after {took:.2f} s"
+        assert await asyncio.wait_for(silent[0].read(), 2) == b"", "a connection that sends nothing is closed"
+
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"post /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        answer = await asyncio.wait_for(reader.read(), 2)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0].endswith(b" 400 Bad Request") and b"application/json" in head, answer
+        assert orjson.loads(body)["error"]["code"] == "malformed_http", answer
+        assert stats.hits == 1
+    finally:
+        assert await run.stop() == 0
+    assert "refused a malformed HTTP request" in run.log_text()

@@ -1,0 +1,125 @@
+"""The HTTP server under the app: aiohttp's, run by us instead of `web.run_app` for two reasons.
+
+- What aiohttp refuses before any middleware runs (a request its HTTP parser cannot read, a
+  handler that escaped every middleware) is answered in OpenAI's error format, like every other
+  error, instead of aiohttp's text/plain page. SDKs parse `error.message`; a text page makes them
+  raise a less helpful error.
+- The idle timeout bounds the request head: aiohttp arms it when a connection opens and after
+  each response, and closes the connection if no complete request head arrived by then, so a
+  client that connects and sends nothing, or drips its headers (slowloris), does not pin a
+  connection. The body has its own deadline (`body_read_timeout_seconds`, in the handler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from proxy.config import ServerSpec
+from proxy.errors import BadRequest, ProxyError, error_response
+
+log = logging.getLogger("proxy")
+
+
+class _Handler(RequestHandler):
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started; no error response can follow it")
+        err: ProxyError
+        if status >= 500:
+            # The message of an escaped exception may hold request data: it goes to the log, not the client.
+            log.error("error handling %s %s (answered %d)", request.method, request.path, status, exc_info=exc)
+            err = ProxyError(
+                "The proxy failed to handle this request; the error is in its log. Retry the request.",
+                code="internal_error",
+            )
+        else:
+            # The parser's message names what was wrong (it may quote the offending bytes, which
+            # are the client's own); the log gets only its kind, never request data.
+            log.info("refused a malformed HTTP request from %s: %s", request.remote, type(exc).__name__)
+            reason = " ".join((message or "unreadable").split())  # the parser's message spans lines
+            err = BadRequest(
+                f"The request is not valid HTTP/1.1 ({reason}). Send a well-formed request, as the OpenAI SDK does.",
+                code="malformed_http",
+            )
+        err.status = status
+        resp = error_response(err)
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """An AppRunner whose connections answer protocol errors in OpenAI's format."""
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **made._kwargs,
+        )
+
+
+def runner_for(app: web.Application, spec: ServerSpec, *, handle_signals: bool = False) -> ProxyRunner:
+    return ProxyRunner(
+        app,
+        handle_signals=handle_signals,
+        access_log=None,  # the proxy logs one line per request itself, with what matters
+        handler_cancellation=True,  # a client that leaves cancels its request, and the upstream call
+        shutdown_timeout=spec.shutdown_timeout_seconds,
+        keepalive_timeout=spec.idle_timeout_seconds,
+    )
+
+
+def run(app: web.Application, host: str, port: int, spec: ServerSpec, loop: asyncio.AbstractEventLoop) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting, let requests in flight finish for up to
+    `shutdown_timeout_seconds`, and run the app's cleanup (which flushes the ledger)."""
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_serve(app, host, port, spec))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        if not main.done():
+            main.cancel()  # runs _serve's cleanup: the graceful part of the shutdown
+            with suppress(asyncio.CancelledError):
+                loop.run_until_complete(main)
+        _cancel_leftovers(loop)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _serve(app: web.Application, host: str, port: int, spec: ServerSpec) -> None:
+    runner = runner_for(app, spec, handle_signals=True)  # SIGTERM/SIGINT raise GracefulExit here
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
