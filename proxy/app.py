@@ -151,8 +151,9 @@ def _snapshot(state: ProxyState) -> Snapshot:
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
+    # No pool-wide cap: each tier's Target gate caps its connections, and a reload may change them.
     connector = aiohttp.TCPConnector(
-        limit=sum(t.max_connections for t in state.config.tiers),
+        limit=0,
         limit_per_host=0,
         ttl_dns_cache=300,
         keepalive_timeout=30,

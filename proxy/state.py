@@ -62,7 +62,8 @@ class ProxyState:
         """One Target per tier, for the open session and the current config."""
         session = self.http()
         limit = self.config.server.max_response_bytes
-        self.targets = {t.id: Target.build(session, t, limit) for t in self.config.tiers}
+        old = self.targets
+        self.targets = {t.id: Target.build(session, t, limit, old.get(t.id)) for t in self.config.tiers}
 
 
 STATE = web.AppKey("proxy_state", ProxyState)

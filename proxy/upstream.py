@@ -121,9 +121,15 @@ class Target:
     client_timeout: aiohttp.ClientTimeout
 
     @classmethod
-    def build(cls, session: aiohttp.ClientSession, tier: Tier, max_response_bytes: int) -> Target:
+    def build(
+        cls, session: aiohttp.ClientSession, tier: Tier, max_response_bytes: int, old: Target | None = None
+    ) -> Target:
+        """With `old` (the same tier before a reload), its gate carries over while the cap is
+        unchanged, so the calls still running keep counting against the new target's cap."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=tier.connect_timeout)
-        return cls(session, tier, max_response_bytes, asyncio.Semaphore(tier.max_connections), timeout)
+        keep = old is not None and old.tier.max_connections == tier.max_connections
+        gate = old.gate if old is not None and keep else asyncio.Semaphore(tier.max_connections)
+        return cls(session, tier, max_response_bytes, gate, timeout)
 
     def post(self, out: Outbound) -> aiohttp.client._RequestContextManager:
         tier = self.tier

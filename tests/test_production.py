@@ -16,10 +16,11 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from proxy.config import build_config
+from proxy.reload import apply_config
 from proxy.serve import _listen_host
 from proxy.simulate import SIM_STATS, Behaviour, SimSettings, create_sim_app
 from proxy.state import STATE
-from tests.conftest import ProxyFactory, Upstream, closed_port_url, tier_config
+from tests.conftest import ProxyFactory, Upstream, closed_port_url, make_config, tier_config
 from tests.support.proc import start_proxy
 
 MSG = {"messages": [{"role": "user", "content": "plan"}]}
@@ -141,6 +142,36 @@ async def test_tier_connection_cap(make_proxy: ProxyFactory, upstreams: dict[str
     )
     assert [r.status for r in resps] == [200, 200, 200]
     assert loop.time() - t0 >= 0.6, "one connection at a time to llama"
+
+
+async def test_reload_keeps_the_connection_cap_and_can_raise_it(
+    make_proxy: ProxyFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """A call running across a reload still counts against its tier's cap; a reload that raises
+    the cap (above what the first config allowed in all) takes effect."""
+    upstreams["llama"].always(Behaviour(headers_delay=0.2))
+    one = {"max_connections": 1}
+    client = await make_proxy(tiers=tier_config(upstreams, llama=one, ollama=one, kimi=one))
+    state = client.app[STATE]
+    headers = {"X-Tier": "llama", "X-Fallback": "off"}
+    loop = asyncio.get_running_loop()
+
+    async def calls(n: int) -> float:
+        t0 = loop.time()
+        posts = [client.post("/v1/chat/completions", json={"model": "auto", **MSG}, headers=headers) for _ in range(n)]
+        assert [r.status for r in await asyncio.gather(*posts)] == [200] * n
+        return loop.time() - t0
+
+    running = asyncio.create_task(calls(1))
+    await asyncio.sleep(0.05)
+    same_cap = make_config({"tiers": tier_config(upstreams, llama={**one, "model": "other"}, ollama=one, kimi=one)})
+    await apply_config(state, same_cap)
+    assert await calls(1) >= 0.3, "the call started before the reload still holds llama's one connection"
+    await running
+
+    raised = tier_config(upstreams, llama={"max_connections": 8}, ollama=one, kimi=one)
+    await apply_config(state, make_config({"tiers": raised}))
+    assert await calls(8) < 0.35, "eight calls at once after the reload raised the cap to 8"
 
 
 async def _serve_with_sim(
