@@ -16,8 +16,19 @@ from proxy.app import create_app
 from proxy.config import Config, build_config
 from proxy.simulate import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
 from tests.support.llamacpp import LlamaCppServer
+from tests.support.secret_scan import KIMI_KEY, SCAN
 from tests.support.server import ProxyTestServer
 from tests.support.tiny_gguf import write_tiny_model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(SCAN, "secret-scan")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _secret_scan_covers_tmp(tmp_path_factory: pytest.TempPathFactory) -> None:
+    SCAN.basetemp = tmp_path_factory.getbasetemp()
+
 
 FAST = {"backoff_initial_seconds": 0.01, "backoff_max_seconds": 0.05, "request_deadline_seconds": 5.0}
 
@@ -88,7 +99,7 @@ def tier_config(ups: dict[str, Upstream], **overrides: dict[str, Any]) -> dict[s
 def make_config(raw: dict[str, Any], env: dict[str, str] | None = None) -> Config:
     raw = dict(raw)
     raw["retries"] = {**FAST, **raw.get("retries", {})}
-    return build_config(raw, "<test>", {"TEST_KIMI_KEY": "sk-test-kimi-secret", **(env or {})})
+    return build_config(raw, "<test>", {"TEST_KIMI_KEY": KIMI_KEY, **(env or {})})
 
 
 ProxyFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from proxy.simulate import Behaviour
 from tests.conftest import ProxyFactory, Upstream, closed_port_url, tier_config
+from tests.support.secret_scan import KIMI_KEY
 
 MSG = {"messages": [{"role": "user", "content": "plan the next step"}]}
 
@@ -59,7 +60,7 @@ async def test_free_tiers_down_falls_back_to_kimi_with_its_key(
     assert resp.headers["X-Proxy-Tier"] == "kimi"
     assert hits(upstreams) == {"llama": 1, "ollama": 1, "kimi": 1}
     kimi_req = upstreams["kimi"].stats.requests[-1]
-    assert kimi_req.headers["authorization"] == "Bearer sk-test-kimi-secret"
+    assert kimi_req.headers["authorization"] == f"Bearer {KIMI_KEY}"
     for name in ("llama", "ollama"):
         seen = upstreams[name].stats.requests[-1].headers
         assert "authorization" not in seen, "a free tier must not get the client's or Kimi's key"
@@ -153,7 +154,7 @@ async def test_all_failing_is_502_listing_attempts_without_secrets(
     assert err["code"] == "upstream_failed"
     for name in ("llama #1", "llama #2", "ollama #3", "kimi #4"):
         assert name in err["message"]
-    assert "sk-test-kimi-secret" not in await resp.text()
+    assert KIMI_KEY not in await resp.text()
     # per-tier cap 2, total cap 3, and kimi still got its first attempt
     assert hits(upstreams) == {"llama": 2, "ollama": 1, "kimi": 1}
     assert resp.headers["X-Proxy-Attempts"] == "4"

@@ -60,6 +60,7 @@ from proxy.config import Config
 from proxy.simulate import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app, start_sim
 from tests.conftest import FAST, Upstream, make_config, tier_config
 from tests.support.proc import Running, start_proxy
+from tests.support.secret_scan import KIMI_KEY
 from tests.support.server import ProxyTestServer
 
 T = TypeVar("T")
@@ -1231,7 +1232,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             "server": {"max_body_bytes": LIMIT, "body_read_timeout_seconds": 5.0},
             "ledger": {"path": str(tmp / "ledger.db")},
         }
-        proc = run(start_proxy(tmp, config, {"TEST_KIMI_KEY": "sk-test-kimi-secret"}))
+        proc = run(start_proxy(tmp, config, {"TEST_KIMI_KEY": KIMI_KEY}))
         try:
             yield Served(proc.url, proc, {n: u.stats for n, u in ups.items()})
         finally:

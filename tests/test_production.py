@@ -22,11 +22,12 @@ from proxy.simulate import SIM_STATS, Behaviour, SimSettings, create_sim_app
 from proxy.state import STATE
 from tests.conftest import ProxyFactory, Upstream, closed_port_url, make_config, tier_config
 from tests.support.proc import start_proxy
+from tests.support.secret_scan import KIMI_PROCESS_KEY
 
 MSG = {"messages": [{"role": "user", "content": "plan"}]}
 PLANNER_KEY = "cli-planner-0123456789"
 OTHER_KEY = "cli-other-9876543210"
-KIMI_SECRET = "sk-kimi-SECRET-do-not-leak-42"
+KIMI_SECRET = KIMI_PROCESS_KEY
 AUTH = {
     "keys": [
         {"name": "planner", "secret_env": "PLANNER_KEY", "requests_per_minute": 3},

@@ -43,10 +43,11 @@ import yaml
 from aiohttp import web
 
 from proxy.simulate import SIM_SETTINGS, SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
+from tests.support.secret_scan import KIMI_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 MSG = [{"role": "user", "content": "plan the next step"}]
-KIMI_ENV = {"TEST_KIMI_KEY": "sk-test-kimi-secret"}
+KIMI_ENV = {"TEST_KIMI_KEY": KIMI_KEY}
 OBSERVATIONS_ENV = "RELIABILITY_OBSERVATIONS"
 
 _T = TypeVar("_T")

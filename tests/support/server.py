@@ -1,5 +1,6 @@
 """The proxy app on a test server that runs it as `proxy serve` does (proxy.server's runner:
-protocol errors in OpenAI's format, the configured idle timeout)."""
+protocol errors in OpenAI's format, the configured idle timeout), its responses scanned for
+upstream keys."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from aiohttp.web_runner import BaseRunner
 
 from proxy.server import runner_for
 from proxy.state import STATE
+from tests.support.secret_scan import SCAN
 
 
 class ProxyTestServer(TestServer):
     async def _make_runner(self, **kwargs: Any) -> BaseRunner:
         # TestServer's own kwargs (handler_cancellation) are what runner_for sets already.
+        self.app.on_response_prepare.append(SCAN.on_response_prepare)  # before setup freezes the app
         return runner_for(self.app, self.app[STATE].config.server)
