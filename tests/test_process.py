@@ -38,8 +38,21 @@ async def served(tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestSer
         await run.proc.wait()
 
 
-async def test_sigterm_drains_in_flight_stream_and_every_row(served: Served) -> None:
-    served.settings.default = Behaviour(chunk_delay=0.02, chunks=20)
+async def _refused(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except (ConnectionRefusedError, ConnectionResetError):  # reset: queued when the listener closed
+        return True
+    writer.close()
+    return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_stop_signal_drains_in_flight_streams_and_every_row(served: Served, sig: signal.Signals) -> None:
+    """The listener closes at once; the calls in flight (half of them streams) all complete, every
+    row reaches the ledger, and the exit status is 0."""
+    served.settings.default = Behaviour(chunk_delay=0.03, chunks=30)
     n = 100
     async with aiohttp.ClientSession() as s:
 
@@ -51,7 +64,10 @@ async def test_sigterm_drains_in_flight_stream_and_every_row(served: Served) -> 
         tasks = [asyncio.create_task(call(i)) for i in range(n)]
         while served.stats.hits < n:  # every request is in flight upstream
             await asyncio.sleep(0.01)
-        served.proc.send_signal(signal.SIGTERM)
+        served.proc.send_signal(sig)
+        while not await _refused(served.url):
+            await asyncio.sleep(0.01)
+        assert not all(t.done() for t in tasks), "new connections are refused while the calls in flight go on"
         bodies = await asyncio.gather(*tasks)
     assert await asyncio.wait_for(served.proc.wait(), 10) == 0
     streams = [b for i, b in enumerate(bodies) if i % 2 == 0]
