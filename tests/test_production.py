@@ -175,6 +175,37 @@ async def test_reload_keeps_the_connection_cap_and_can_raise_it(
     assert await calls(8) < 0.35, "eight calls at once after the reload raised the cap to 8"
 
 
+async def test_reload_applies_keys_prices_and_budgets(make_proxy: ProxyFactory, upstreams: dict[str, Upstream]) -> None:
+    client = await make_proxy()
+    state = client.app[STATE]
+    ledger = {"path": _db(client)}
+    complex_ = {"X-Complexity": "complex"}
+
+    async def post(headers: dict[str, str]) -> Any:
+        resp = await client.post("/v1/chat/completions", json={"model": "auto", **MSG}, headers=headers)
+        await resp.read()
+        return resp
+
+    assert (await post(complex_)).headers["X-Proxy-Tier"] == "kimi"
+
+    await apply_config(state, make_config({"tiers": tier_config(upstreams), "auth": AUTH, "ledger": ledger}, ENV))
+    assert (await post(complex_)).status == 401, "keys added by a reload are required at once"
+    assert (await post({**complex_, **bearer(PLANNER_KEY)})).status == 200
+
+    price = {"price": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0}}
+    priced = {"tiers": tier_config(upstreams, kimi=price), "budgets": {"daily_usd": 0.01}, "ledger": ledger}
+    await apply_config(state, make_config(priced))
+    spent = await post(complex_)
+    assert spent.status == 200 and spent.headers["X-Proxy-Tier"] == "kimi", "keys removed by a reload: open again"
+    after = await post(complex_)
+    assert after.headers["X-Proxy-Route"] == "budget", "the reloaded budget is spent by the reloaded price"
+    assert after.headers["X-Proxy-Tier"] != "kimi"
+    await state.sink.flush()  # type: ignore[attr-defined]
+    with sqlite3.connect(_db(client)) as conn:
+        costs = [c for (c,) in conn.execute("SELECT cost_usd FROM requests WHERE tier = 'kimi' ORDER BY started_at")]
+    assert costs[:2] == [0.0, 0.0] and costs[2] > 0.01, costs
+
+
 async def _serve_with_sim(
     tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]], extra: dict[str, Any], env: dict[str, str]
 ) -> tuple[Any, Any, Any]:
