@@ -446,13 +446,22 @@ def test_k8s_workload(file: str, kind: str) -> None:
         templates = [t["metadata"]["name"] for t in wl["spec"]["volumeClaimTemplates"]]
         assert ledger in templates and ledger not in volumes, "each replica needs its own ledger claim"
 
-    (env,) = [e for e in container["env"] if e["name"] == KIMI_KEY_ENV]
-    ref = env["valueFrom"]["secretKeyRef"]
     secret = k8s_one("Secret", SECRET_EXAMPLE)
-    assert ref["name"] == secret["metadata"]["name"]
-    assert ref["key"] in secret["stringData"]
+    from_secret = {}
+    for env in container["env"]:
+        ref = env["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"]
+        from_secret[env["name"]] = secret["stringData"][ref["key"]]
+    assert KIMI_KEY_ENV in from_secret
 
-    config = build_config(configmap_config(), "k8s/configmap.yaml", env={})
+    raw = configmap_config()
+    client_envs = {k["secret_env"] for k in raw["auth"]["keys"]}
+    assert client_envs and client_envs <= set(from_secret), "every client key's variable comes from the Secret"
+    config = build_config(raw, "k8s/configmap.yaml", env=from_secret)
+    assert config.auth_required and len(config.client_keys) == len(client_envs), "a ClusterIP is open to every pod"
+    assert not config.warnings, config.warnings
+    without = build_config(raw, "k8s/configmap.yaml", env={})
+    assert without.auth_required and not without.client_keys, "no Secret: closed, not open"
     assert pod["terminationGracePeriodSeconds"] > config.server.shutdown_timeout_seconds
 
 
