@@ -12,6 +12,9 @@ import json
 import posixpath
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -274,6 +277,27 @@ def test_systemd_stop_timeout_exceeds_shutdown_timeout() -> None:
     default = load_config(None, {}).server.shutdown_timeout_seconds
     repo = load_config(ROOT / "proxy.yaml", {}).server.shutdown_timeout_seconds
     assert float(service("TimeoutStopSec").removesuffix("s")) > max(default, repo)
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (Debian: systemd)")
+def test_systemd_analyze_verifies_the_unit_and_rates_it_hardened(tmp_path: Path) -> None:
+    """systemd's own checks, offline: no unknown or misspelt setting, and an exposure of 1.4/10
+    (`systemd-analyze security`; 10 is unprotected) must not creep up."""
+    installed = service("ExecStart").split()[0]
+    unit_file = tmp_path / "proxy.service"
+    # verify also checks that ExecStart's binary exists: point it at this environment's `proxy`.
+    unit_file.write_text(
+        (DEPLOY / "proxy.service").read_text().replace(installed, str(Path(sys.executable).parent / "proxy"))
+    )
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit_file)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    security = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--threshold=15", str(unit_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert security.returncode == 0, security.stdout[-600:] + security.stderr
 
 
 # ------------------------------------------------------------------------------------- configs
