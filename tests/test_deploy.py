@@ -174,6 +174,83 @@ def test_dockerfile_runs_as_non_root() -> None:
     assert user.isdigit(), f"USER {users[-1]}: use a numeric uid so runAsNonRoot can check it"
 
 
+# Debian's base-passwd (passwd.master, group.master): on every Debian image before any RUN.
+DEBIAN_USERS = set(
+    [
+        "root",
+        "daemon",
+        "bin",
+        "sys",
+        "sync",
+        "games",
+        "man",
+        "lp",
+        "mail",
+        "news",
+        "uucp",
+        "proxy",
+        "www-data",
+        "backup",
+        "list",
+        "irc",
+        "_apt",
+        "nobody",
+    ]
+)
+DEBIAN_GROUPS = set(
+    [
+        "root",
+        "daemon",
+        "bin",
+        "sys",
+        "adm",
+        "tty",
+        "disk",
+        "lp",
+        "mail",
+        "news",
+        "uucp",
+        "man",
+        "proxy",
+        "kmem",
+        "dialout",
+        "fax",
+        "voice",
+        "cdrom",
+        "floppy",
+        "tape",
+        "sudo",
+        "audio",
+        "dip",
+        "www-data",
+        "backup",
+        "operator",
+        "list",
+        "irc",
+        "src",
+        "shadow",
+        "utmp",
+        "video",
+        "sasl",
+        "plugdev",
+        "staff",
+        "games",
+        "users",
+        "nogroup",
+    ]
+)
+
+
+def test_dockerfile_creates_no_user_or_group_debian_already_has() -> None:
+    """`groupadd proxy` fails on a Debian base (a real build failed so): the name is taken."""
+    runs = " ".join(r for instr, r in final_stage() if instr == "RUN")
+    groups = re.findall(r"groupadd\b[^&;]*?\s([\w-]+)\s*(?:&&|;|$)", runs)
+    users = re.findall(r"useradd\b[^&;]*?\s([\w-]+)\s*(?:&&|;|$)", runs)
+    assert groups and users, runs
+    assert not set(groups) & DEBIAN_GROUPS, groups
+    assert not set(users) & DEBIAN_USERS, users
+
+
 def test_dockerfile_healthcheck_hits_readyz_with_python() -> None:
     (check,) = instructions("HEALTHCHECK")
     port = docker_serve().port
