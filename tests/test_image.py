@@ -1,0 +1,168 @@
+"""The image deploy/Dockerfile builds, run as deploy/README.md runs it, on a real Docker engine.
+
+Needs an engine (`docker info` answers): `.ci/docker-engine` starts one on a machine that has
+none, and CI runs it with PROXY_REQUIRE_DOCKER=1, so that a missing engine fails there instead of
+skipping. The container runs with the host's network (the fake upstreams listen on loopback) and
+with the README's hardening flags; everything it does is checked from outside, as an operator would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp.test_utils import TestServer
+
+from proxy.simulate import SIM_STATS, SimSettings, create_sim_app
+from tests.support.secret_scan import KIMI_KEY
+
+ROOT = Path(__file__).resolve().parent.parent
+TAG = "proxy:test"
+PORT = 8080  # the image's CMD and HEALTHCHECK port, used as shipped
+MSG = {"model": "auto", "messages": [{"role": "user", "content": "plan"}]}
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"docker {' '.join(args)} exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
+    return done
+
+
+def _engine() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def image() -> Iterator[str]:
+    if not _engine():
+        if os.environ.get("PROXY_REQUIRE_DOCKER") == "1":
+            pytest.fail("PROXY_REQUIRE_DOCKER=1 but no Docker engine answers: run .ci/docker-engine")
+        pytest.skip("no Docker engine (run .ci/docker-engine to start one)")
+    docker("build", "-q", "-f", "deploy/Dockerfile", "-t", TAG, str(ROOT), timeout=900)
+    yield TAG
+
+
+def test_image_checks_its_config_as_a_numeric_non_root_user(image: str) -> None:
+    assert docker("run", "--rm", "--entrypoint", "id", image, "-u").stdout.strip() == "10001"
+    check = docker("run", "--rm", image, "check", "--config", "/etc/proxy/proxy.yaml")
+    assert "llama" in check.stdout, check.stdout
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+async def _wait_healthy(name: str, seconds: float) -> str:
+    deadline = time.monotonic() + seconds
+    status = ""
+    while time.monotonic() < deadline:
+        inspect = await asyncio.to_thread(docker, "inspect", "--format", "{{json .State}}", name)
+        state = json.loads(inspect.stdout)
+        status = state.get("Health", {}).get("Status", "")
+        if status == "healthy" or not state["Running"]:
+            return status
+        await asyncio.sleep(0.3)
+    return status
+
+
+async def test_container_serves_reloads_and_stops_cleanly(
+    image: str, tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
+) -> None:
+    if not _port_free(PORT):
+        pytest.fail(f"port {PORT} is taken on this machine: the image's HEALTHCHECK needs it")
+    sims = {}
+    for name in ("llama", "kimi"):
+        app = create_sim_app(SimSettings(name=name))
+        server = await aiohttp_server(app)
+        sims[name] = (str(server.make_url("/v1")), app[SIM_STATS])
+    config = {
+        "server": {"host": "0.0.0.0", "port": PORT, "shutdown_timeout_seconds": 10},
+        "tiers": {
+            "llama": {"base_url": sims["llama"][0], "model": "llama3.1:8b", "timeout_seconds": 5},
+            "kimi": {
+                "base_url": sims["kimi"][0],
+                "model": "kimi-k2.5",
+                "paid": True,
+                "api_key_env": "MOONSHOT_API_KEY",
+            },
+        },
+        "ledger": {"path": "/var/lib/proxy/ledger.db"},
+    }
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    cfg.chmod(0o644)
+    name, volume = f"proxy-test-{uuid.uuid4().hex[:8]}", f"proxy-test-ledger-{uuid.uuid4().hex[:8]}"
+    run = ["run", "-d", "--name", name, "--init", "--network", "host", "--env", f"MOONSHOT_API_KEY={KIMI_KEY}"]
+    run += ["-v", f"{cfg}:/etc/proxy/proxy.yaml:ro", "-v", f"{volume}:/var/lib/proxy"]
+    run += ["--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    run += ["--stop-timeout", "45", "--health-interval", "1s", "--health-start-period", "1s", image]
+    try:
+        await asyncio.to_thread(docker, *run)
+        assert await _wait_healthy(name, 60) == "healthy", docker("logs", name, check=False).stderr[-3000:]
+        url = f"http://127.0.0.1:{PORT}/v1/chat/completions"
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json=MSG) as r:
+                assert r.status == 200 and r.headers["X-Proxy-Tier"] == "llama"
+            async with s.post(url, json={**MSG, "stream": True}, headers={"X-Complexity": "complex"}) as r:
+                assert r.status == 200 and r.headers["X-Proxy-Tier"] == "kimi"
+                assert (await r.read()).endswith(b"data: [DONE]\n\n")
+        assert sims["kimi"][1].requests[-1].headers["authorization"] == f"Bearer {KIMI_KEY}"
+
+        config["tiers"]["llama"]["model"] = "llama3.1:8b-reloaded"
+        cfg.write_text(yaml.safe_dump(config))
+        await asyncio.to_thread(docker, "kill", "-s", "HUP", name)
+        for _ in range(100):
+            if "reloaded" in docker("logs", name).stderr:
+                break
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as s, s.post(url, json=MSG) as r:
+            assert r.headers["X-Proxy-Model"] == "llama3.1:8b-reloaded"
+
+        await asyncio.to_thread(docker, "stop", name, timeout=60)
+        state = json.loads(docker("inspect", "--format", "{{json .State}}", name).stdout)
+        assert state["ExitCode"] == 0, state
+        logs = docker("logs", name)
+        assert KIMI_KEY not in logs.stdout + logs.stderr
+
+        count = "import sqlite3; print(sqlite3.connect('/var/lib/proxy/ledger.db').execute("
+        count += "'SELECT count(*), group_concat(DISTINCT tier) FROM requests').fetchone())"
+        ledger = docker("run", "--rm", "-v", f"{volume}:/var/lib/proxy", "--entrypoint", "python", image, "-c", count)
+        assert ledger.stdout.strip() in ("(3, 'llama,kimi')", "(3, 'kimi,llama')"), ledger.stdout
+        owner = docker(
+            "run",
+            "--rm",
+            "-v",
+            f"{volume}:/var/lib/proxy",
+            "--entrypoint",
+            "stat",
+            image,
+            "-c",
+            "%u",
+            "/var/lib/proxy/ledger.db",
+        )
+        assert owner.stdout.strip() == "10001"
+    finally:
+        docker("rm", "-f", name, check=False)
+        docker("volume", "rm", "-f", volume, check=False)
