@@ -130,6 +130,14 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await ledger.close()
+        stats = ledger.stats
+        log.info(
+            "ledger %s closed: %d requests written, %d spilled, %d lost",
+            state.ledger_path,
+            stats.written,
+            stats.spilled,
+            stats.failed,
+        )
 
 
 def _count_cost(state: ProxyState, cost: Decimal, rec: CallRecord) -> None:

@@ -56,6 +56,12 @@ class _ProxyHandler(logging.StreamHandler[IO[str]]):
     def flush_now(self) -> None:
         super().flush()
 
+    def close(self) -> None:
+        # logging.shutdown (at exit) calls flush(), a no-op when buffered, then close(): the
+        # lines of the last second (the shutdown's own among them) must still get out.
+        self.flush_now()
+        super().close()
+
 
 def flush_logs() -> None:
     for handler in logging.getLogger().handlers:

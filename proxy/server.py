@@ -113,6 +113,13 @@ async def _serve(app: web.Application, host: str, port: int, spec: ServerSpec) -
     try:
         await web.TCPSite(runner, host, port).start()
         await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        log.info(
+            "stopping: no new connections; requests in flight have up to %g s to finish "
+            "(server.shutdown_timeout_seconds)",
+            spec.shutdown_timeout_seconds,
+        )
+        raise
     finally:
         await runner.cleanup()
 

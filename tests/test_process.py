@@ -75,6 +75,9 @@ async def test_stop_signal_drains_in_flight_streams_and_every_row(served: Served
     with sqlite3.connect(served.db) as conn:
         assert conn.execute("SELECT count(*) FROM requests WHERE outcome = 'ok'").fetchone()[0] == n
         assert conn.execute("SELECT count(*) FROM attempts").fetchone()[0] == n
+    log = served.run.log_text()
+    assert "stopping: no new connections" in log
+    assert f"closed: {n} requests written, 0 spilled, 0 lost" in log, log[-2000:]
 
 
 async def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path) -> None:
