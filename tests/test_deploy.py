@@ -19,6 +19,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -564,6 +565,22 @@ def test_k8s_workload(file: str, kind: str) -> None:
     without = build_config(raw, "k8s/configmap.yaml", env={})
     assert without.auth_required and not without.client_keys, "no Secret: closed, not open"
     assert pod["terminationGracePeriodSeconds"] > config.server.shutdown_timeout_seconds
+
+
+# The oldest Kubernetes release still supported upstream when this was written, and the newest the
+# schemas know: a field added or removed in between shows up here.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", sorted(K8S.glob("*.yaml")), ids=lambda p: p.name)
+def test_k8s_manifest_matches_kubernetes_schema(path: Path, version: str) -> None:
+    """Strict: a misspelt or misplaced field (`readynessProbe`) is an error, as kubectl's
+    server-side field validation would make it."""
+    for doc in load_yaml(path):
+        if doc.get("apiVersion", "").startswith("kustomize.config.k8s.io/"):
+            continue  # not a cluster resource: test_k8s_kustomization_* check it
+        kubernetes_validate.validate(doc, version, strict=True)
 
 
 def test_k8s_kustomization_lists_existing_files_but_not_the_example_secret() -> None:
