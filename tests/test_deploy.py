@@ -160,6 +160,13 @@ def test_dockerfile_base_is_slim_python_311_or_newer() -> None:
         assert (int(m.group(1)), int(m.group(2))) >= (3, 11), image
 
 
+def test_dockerfile_builds_without_a_registry_for_its_frontend() -> None:
+    """A `# syntax=` line makes BuildKit pull its frontend image first: no build where only the
+    base image is at hand (a compose build here failed so)."""
+    first = (DEPLOY / "Dockerfile").read_text().lstrip().splitlines()[0]
+    assert not re.match(r"#\s*syntax\s*=", first), first
+
+
 def test_dockerfile_installs_the_package_without_pip_cache() -> None:
     runs = " ".join(instructions("RUN"))
     assert re.search(r"pip install --no-cache-dir \.(\s|$)", runs), "expected `pip install --no-cache-dir .`"

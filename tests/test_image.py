@@ -166,3 +166,89 @@ async def test_container_serves_reloads_and_stops_cleanly(
     finally:
         docker("rm", "-f", name, check=False)
         docker("volume", "rm", "-f", volume, check=False)
+
+
+def compose(
+    project: str, files: list[Path], *args: str, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    flags = [a for f in files for a in ("-f", str(f))]
+    return docker("compose", "-p", project, *flags, *args, timeout=timeout, check=check)
+
+
+@pytest.fixture
+def ollama_standin(image: str, tmp_path: Path) -> str:
+    """The ollama/ollama image's stand-in: the proxy image (aiohttp, proxy.simulate) plus an
+    `ollama` command (tests/support/ollama_standin.py), running as root like the real one."""
+    if docker("compose", "version", check=False).returncode != 0:
+        pytest.fail("no `docker compose` (v2.24+) plugin: run .ci/docker-engine")
+    ctx = tmp_path / "standin"
+    ctx.mkdir()
+    shutil.copy(ROOT / "tests" / "support" / "ollama_standin.py", ctx / "ollama")
+    (ctx / "Dockerfile").write_text(
+        f"FROM {image}\nUSER root\nCOPY ollama /usr/local/bin/ollama\n"
+        "RUN chmod 0755 /usr/local/bin/ollama && mkdir -p /root/.ollama\n"
+        'ENTRYPOINT ["ollama"]\nCMD ["serve"]\n'
+    )
+    tag = "proxy-test/ollama-standin:latest"
+    docker("build", "-q", "-t", tag, str(ctx), timeout=300)
+    return tag
+
+
+async def test_compose_starts_proxy_after_ollama_and_the_pull(image: str, ollama_standin: str, tmp_path: Path) -> None:
+    """deploy/docker-compose.yml as the README runs it, the Ollama image replaced by the stand-in
+    and health checks every second (an override file changes only those)."""
+    if not _port_free(PORT):
+        pytest.fail(f"port {PORT} is taken on this machine: compose publishes the proxy there")
+    override = tmp_path / "override.yml"
+    fast = {"interval": "1s", "start_period": "1s"}
+    override.write_text(
+        yaml.safe_dump(
+            {
+                "services": {
+                    "ollama": {"image": ollama_standin, "healthcheck": fast},
+                    "ollama-pull": {"image": ollama_standin},
+                    "proxy": {"image": image, "healthcheck": fast},
+                }
+            }
+        )
+    )
+    files = [ROOT / "deploy" / "docker-compose.yml", override]
+    project = f"proxy-test-{uuid.uuid4().hex[:8]}"
+    try:
+        await asyncio.to_thread(compose, project, files, "up", "-d", "--build", timeout=900)
+        pull = compose(project, files, "logs", "--no-log-prefix", "ollama-pull").stdout
+        assert "llama3.1:8b: pulling" in pull and "qwen2.5:7b: pulling" in pull, pull
+        proxy = f"{project}-proxy-1"
+        assert await _wait_healthy(proxy, 60) == "healthy", compose(project, files, "logs", "proxy").stdout[-3000:]
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{PORT}/readyz") as r:
+                ready = await r.json()
+                assert r.status == 200 and not ready["tiers"]["kimi"]["usable"], ready
+            url = f"http://127.0.0.1:{PORT}/v1/chat/completions"
+            async with s.post(url, json=MSG) as r:
+                assert r.status == 200 and r.headers["X-Proxy-Tier"] == "llama", await r.text()
+            async with s.post(url, json=MSG, headers={"X-Complexity": "complex"}) as r:
+                assert r.status == 200 and r.headers["X-Proxy-Tier"] != "kimi", "no key in proxy.env: kimi is skipped"
+
+        # A second start finds the models on the volume and pulls nothing.
+        compose(project, files, "rm", "-f", "-s", "ollama-pull")
+        await asyncio.to_thread(compose, project, files, "up", "-d", timeout=300)
+        again = compose(project, files, "logs", "--no-log-prefix", "ollama-pull").stdout
+        assert "llama3.1:8b: present" in again and "qwen2.5:7b: present" in again, again
+
+        compose(project, files, "kill", "-s", "HUP", "proxy")
+        for _ in range(100):
+            if "reloaded /etc/proxy/proxy.yaml" in compose(project, files, "logs", "proxy").stdout:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("no reload after SIGHUP:\n" + compose(project, files, "logs", "proxy").stdout[-2000:])
+        await asyncio.to_thread(compose, project, files, "stop", "proxy", timeout=120)
+        state = json.loads(docker("inspect", "--format", "{{json .State}}", proxy).stdout)
+        assert state["ExitCode"] == 0, state
+        assert (
+            "ledger /var/lib/proxy/ledger.db closed: 2 requests written"
+            in compose(project, files, "logs", "proxy").stdout
+        )
+    finally:
+        compose(project, files, "down", "-v", "--remove-orphans", timeout=300, check=False)
