@@ -353,6 +353,9 @@ def test_systemd_setting(key: str, expected: str) -> None:
 def test_systemd_user_syscalls_and_keys() -> None:
     settings = unit()
     assert service("DynamicUser") == "yes" or service("User") not in ("", "root", "0")
+    # A dynamic user's name defaults to the unit's; a static user of that name would be used instead.
+    user = settings.get("Service.User", ["proxy"])[-1]
+    assert user not in DEBIAN_USERS, f"User={user}: Debian has a static user of that name; systemd would run as it"
     assert "@system-service" in settings["Service.SystemCallFilter"]
     assert service("EnvironmentFile").lstrip("-") == "/etc/proxy/proxy.env"
     assert "Service.MemoryDenyWriteExecute" in settings, "decide MemoryDenyWriteExecute explicitly"

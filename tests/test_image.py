@@ -252,3 +252,99 @@ async def test_compose_starts_proxy_after_ollama_and_the_pull(image: str, ollama
         )
     finally:
         compose(project, files, "down", "-v", "--remove-orphans", timeout=300, check=False)
+
+
+def readme_systemd_commands() -> list[str]:
+    """deploy/README.md's systemd block, one shell line each, `sudo` and comments dropped (the
+    container runs them as root); `journalctl -f` would follow forever, so it is left out."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    block = text.split("## systemd", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    lines = []
+    for raw in block.splitlines():
+        line = raw.split(" #", 1)[0].replace("sudo ", "").strip()
+        lines.append(line.replace("; journalctl -u proxy -f", ""))
+    return [line for line in lines if line]
+
+
+@pytest.fixture
+def systemd_box(image: str, tmp_path: Path) -> Iterator[str]:
+    """A container with systemd as PID 1 (Debian bookworm, the base image plus systemd and
+    procps), the repository copied to /src, nothing of the proxy installed."""
+    ctx = tmp_path / "systemd"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text(
+        "FROM python:3.11-slim-bookworm\n"
+        "RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd systemd-sysv procps"
+        " >/dev/null && rm -rf /var/lib/apt/lists/*\n"
+        'STOPSIGNAL SIGRTMIN+3\nCMD ["/sbin/init"]\n'
+    )
+    docker("build", "-q", "-t", "proxy-test/systemd", str(ctx), timeout=600)
+    name = f"proxy-test-systemd-{uuid.uuid4().hex[:8]}"
+    # systemd needs to mount (CAP_SYS_ADMIN) and its cgroups; the sandbox refuses --privileged.
+    run = ["run", "-d", "--name", name, "--cap-add", "SYS_ADMIN", "--security-opt", "seccomp=unconfined"]
+    run += ["--security-opt", "apparmor=unconfined", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw"]
+    run += ["--tmpfs", "/run", "--tmpfs", "/run/lock", "proxy-test/systemd"]
+    docker(*run)
+    try:
+        for _ in range(100):
+            state = docker("exec", name, "systemctl", "is-system-running", check=False).stdout.strip()
+            if state in ("running", "degraded"):
+                break
+            time.sleep(0.1)
+        files = ["pyproject.toml", "README.md", "proxy", "proxy.yaml", "deploy"]
+        tar = subprocess.run(["tar", "-C", str(ROOT), "-c", *files], capture_output=True, check=True).stdout
+        docker("exec", name, "mkdir", "/src")
+        subprocess.run(["docker", "exec", "-i", name, "tar", "-x", "-C", "/src"], input=tar, check=True, timeout=60)
+        yield name
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
+def test_readme_systemd_steps_run_the_hardened_unit_under_systemd(systemd_box: str) -> None:
+    """Every command of deploy/README.md's systemd section, in order, under a real systemd: the
+    unit's sandboxing (dynamic user, seccomp filter, W^X memory, read-only system) lets the proxy
+    serve a call and a stream, reload and stop cleanly."""
+
+    def sh(command: str, timeout: float = 300) -> str:
+        done = docker("exec", "-w", "/src", systemd_box, "sh", "-c", command, timeout=timeout, check=False)
+        assert done.returncode == 0, (
+            f"`{command}` exited {done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+        )
+        return done.stdout
+
+    commands = readme_systemd_commands()
+    start = next(i for i, c in enumerate(commands) if "enable --now" in c)
+    for command in commands[: start + 1]:
+        sh(command, timeout=600)
+    # proxy.yaml's llama and ollama tiers are an Ollama at localhost:11434: a simulated one.
+    sim = "from aiohttp import web; from proxy.simulate import create_sim_app as app; "
+    sim += "web.run_app(app(), host='127.0.0.1', port=11434, print=None)"
+    docker("exec", "-d", systemd_box, "/opt/proxy/venv/bin/python", "-c", sim)
+    call = (
+        "import json, sys, time, urllib.request as u\n"
+        "msgs = [{'role': 'user', 'content': 'hi'}]\n"
+        "body = json.dumps({'model': 'auto', 'stream': sys.argv[1] == 's', 'messages': msgs})\n"
+        "for _ in range(50):\n"
+        "    try:\n"
+        "        r = u.urlopen(u.Request('http://127.0.0.1:8080/v1/chat/completions', body.encode(),"
+        " {'Content-Type': 'application/json'}), timeout=5)\n"
+        "        break\n"
+        "    except OSError:\n"
+        "        time.sleep(0.1)\n"
+        "print(r.status, r.headers['X-Proxy-Tier'], r.read()[-14:])\n"
+    )
+    assert sh(f'python3 -c "{call}" p').startswith("200 llama")
+    assert sh(f'python3 -c "{call}" s').strip() == "200 llama b'data: [DONE]\\n\\n'"
+    user = sh("ps -o user= -p $(systemctl show -p MainPID --value proxy)").strip()
+    assert user == "llmproxy", f"the service runs as {user!r}, not its dynamic user"
+
+    for command in commands[start + 1 :]:
+        sh(command)
+    journal = sh("journalctl -u proxy --no-pager")
+    assert "reloaded /etc/proxy/proxy.yaml" in journal, journal[-2000:]
+    assert "Requests: 2" in sh("/opt/proxy/venv/bin/proxy report --db /var/lib/proxy/ledger.db --since all")
+
+    sh("systemctl stop proxy")
+    status = sh("systemctl show proxy -p Result -p ExecMainStatus")
+    assert "Result=success" in status and "ExecMainStatus=0" in status, status
+    assert "closed: 2 requests written, 0 spilled, 0 lost" in sh("journalctl -u proxy --no-pager")
