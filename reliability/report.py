@@ -246,7 +246,7 @@ def render(run: Run) -> str:
         "Each case goes through `proxy serve` in front of three simulated tiers, chain "
         "`llama -> ollama -> kimi`: tier timeout 0.5 s, stream idle timeout 0.3 s, 2 attempts per tier and 5 "
         "per request, backoff 10-50 ms, request deadline 3 s, `max_response_bytes` 32 KiB, "
-        "`body_read_timeout_seconds` 0.3 s. Each checks the client's answer (status, OpenAI error format, "
+        "`body_read_timeout_seconds` 0.3 s, `idle_timeout_seconds` 2 s. Each checks the client's answer (status, OpenAI error format, "
         "`X-Proxy-Tier`/`X-Proxy-Attempts`, the SSE error event once a stream has started), the upstream hits, "
         "the ledger rows (`requests` outcome/status, `attempts` `tier:outcome`) and that a normal request is "
         "served afterwards. *Client got* and *ledger* are what this run observed, also for known bugs."

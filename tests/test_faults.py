@@ -14,7 +14,7 @@ cases to a few seconds plus the timeouts they are about.
 
 Shared settings (tests/support/faults.py `proxy_config`): tier timeout 0.5 s, stream idle
 timeout 0.3 s, 2 attempts per tier, 5 per request, backoff 10-50 ms, request deadline 3 s,
-max_response_bytes 32 KiB, body_read_timeout 0.3 s.
+max_response_bytes 32 KiB, body_read_timeout 0.3 s, idle_timeout 2 s.
 
 Results go to $RELIABILITY_OBSERVATIONS when set (see `python -m reliability`).
 """
@@ -55,6 +55,7 @@ from tests.support.faults import (
     closed_port_url,
     count_rows,
     describe_answer,
+    drip_until_closed,
     http_head,
     integrity,
     ledger_rows,
@@ -717,6 +718,30 @@ async def test_client_sends_the_body_slowly(
     observe.hits = sims.hits()
     assert sims.hits() == {"llama": 0, "ollama": 0, "kimi": 0}
     assert (req["outcome"], req["status"], req["attempts"]) == ("error", 408, 0) and atts == []
+    await still_serves(session, proxy, sims)
+
+
+async def test_client_drips_its_request_head(
+    proxy: ProxyProc, sims: SimThread, session: aiohttp.ClientSession, observe: Observation
+) -> None:
+    """A slowloris client: a request line, then a header line every 50 ms, never the blank line
+    (server.idle_timeout_seconds 2): the connection is closed at the idle timeout, nothing reaches
+    an upstream, and other clients are served meanwhile."""
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+    dripping = asyncio.create_task(drip_until_closed(reader, writer, 5))
+    await asyncio.sleep(0.2)
+    a = await chat(session, proxy, timeout=5)
+    took = await dripping
+    writer.close()
+    observe.client = (
+        f"dripped head cut off after {took:.2f} s; meanwhile {describe_answer(a)} in {a.elapsed * 1000:.0f} ms"
+    )
+    observe.hits = sims.hits()
+    assert (a.status, a.tier) == (200, "llama") and a.elapsed < 0.5
+    assert 1.5 <= took < 3, took
+    assert sims.hits() == {"llama": 1, "ollama": 0, "kimi": 0}
     await still_serves(session, proxy, sims)
 
 

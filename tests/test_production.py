@@ -21,6 +21,7 @@ from proxy.serve import _listen_host
 from proxy.simulate import SIM_STATS, Behaviour, SimSettings, create_sim_app
 from proxy.state import STATE
 from tests.conftest import ProxyFactory, Upstream, closed_port_url, make_config, tier_config
+from tests.support.faults import drip_until_closed
 from tests.support.proc import start_proxy
 from tests.support.secret_scan import KIMI_PROCESS_KEY
 
@@ -310,23 +311,6 @@ def test_loopback_only_without_keys() -> None:
     assert _listen_host(keyed, None) == "0.0.0.0"
 
 
-async def _closed_within(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float) -> float:
-    """Drip header lines until the server closes the connection; how long it took."""
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    async with asyncio.timeout(seconds):
-        while True:
-            try:
-                writer.write(b"X-Drip: 1\r\n")
-                await writer.drain()
-                if await asyncio.wait_for(reader.read(1024), 0.05) == b"":
-                    return loop.time() - t0
-            except TimeoutError:
-                continue
-            except ConnectionError:
-                return loop.time() - t0
-
-
 async def test_real_process_drops_slow_heads_and_answers_bad_http_in_json(
     tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]
 ) -> None:
@@ -341,7 +325,7 @@ async def test_real_process_drops_slow_heads_and_answers_bad_http_in_json(
             s.post(f"{run.url}/v1/chat/completions", json={"model": "auto", **MSG}) as r,
         ):
             assert r.status == 200, "a slow client does not hold up the others"
-        took = await _closed_within(*drip, 3)
+        took = await drip_until_closed(*drip, 3)
         assert 0.25 <= took < 2, f"a dripped request head is cut off at the idle timeout, not after {took:.2f} s"
         assert await asyncio.wait_for(silent[0].read(), 2) == b"", "a connection that sends nothing is closed"
 

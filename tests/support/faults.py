@@ -328,7 +328,12 @@ def proxy_config(
             "backoff_max_seconds": 0.05,
             "request_deadline_seconds": 3.0,
         },
-        "server": {"max_response_bytes": 32768, "body_read_timeout_seconds": 0.3, "shutdown_timeout_seconds": 5},
+        "server": {
+            "max_response_bytes": 32768,
+            "body_read_timeout_seconds": 0.3,
+            "idle_timeout_seconds": 2.0,
+            "shutdown_timeout_seconds": 5,
+        },
         "ledger": {"path": str(db), "busy_timeout_ms": 50},
     }
     for name, values in sections.items():
@@ -668,3 +673,21 @@ class Observation:
         )
         with open(path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
+
+
+async def drip_until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float) -> float:
+    """Send a header line every 50 ms, never ending the request head (a slowloris client), until
+    the server closes the connection; how long that took. TimeoutError after `seconds`."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    async with asyncio.timeout(seconds):
+        while True:
+            try:
+                writer.write(b"X-Drip: 1\r\n")
+                await writer.drain()
+                if await asyncio.wait_for(reader.read(1024), 0.05) == b"":
+                    return loop.time() - t0
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                return loop.time() - t0
