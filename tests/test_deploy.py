@@ -593,6 +593,18 @@ def test_k8s_manifest_matches_kubernetes_schema(path: Path, version: str) -> Non
         kubernetes_validate.validate(doc, version, strict=True)
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")
+def test_kubectl_kustomize_renders_what_apply_k_would_send() -> None:
+    """`kubectl apply -k deploy/k8s` sends what `kubectl kustomize` renders: the resources, valid."""
+    done = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "Deployment", "PersistentVolumeClaim", "Service"], kinds
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[0], strict=True)
+
+
 def test_k8s_kustomization_lists_existing_files_but_not_the_example_secret() -> None:
     (kust,) = load_yaml(K8S / "kustomization.yaml")
     for resource in kust["resources"]:
