@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, load_config
+from proxy.check import describe
+from proxy.config import ConfigError, build_config, load_config
 from proxy.legacy import normalise_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,3 +121,24 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 )
 def test_legacy_llama_url_normalised(given: str, expected: str) -> None:
     assert normalise_url(given) == expected
+
+
+def test_check_describes_server_limits_clients_and_budgets() -> None:
+    raw = {
+        "server": {"max_body_bytes": 1048576, "idle_timeout_seconds": 12},
+        "auth": {
+            "keys": [
+                {"name": "planner", "secret_env": "PLANNER_KEY", "requests_per_minute": 60, "daily_usd": 2.5},
+                {"name": "ci", "secret_env": "CI_KEY"},
+            ]
+        },
+        "budgets": {"daily_usd": 5, "monthly_usd": 50},
+    }
+    text = describe(build_config(raw, "t.yaml", {"PLANNER_KEY": "p-secret-123", "MOONSHOT_API_KEY": "k"}))
+    assert "bodies up to 1 MiB" in text and "closed after 12s without a request" in text
+    assert "clients: keys required; enabled: planner (60/min, $2.5/day)" in text
+    assert "client key 'ci' is disabled: its variable CI_KEY is not set" in text
+    assert "budgets: $5/day, $50/month" in text
+    assert "p-secret-123" not in text
+    open_config = describe(build_config({}, "t.yaml", {}))
+    assert "clients: no keys (auth.keys)" in open_config and "budgets: none" in open_config
