@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import sqlite3
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.simulate import SIM_STATS, Behaviour, SimSettings, create_sim_app
-from tests.support.proc import Served, start_proxy
+from tests.support.proc import Served, run_cli, start_proxy
 
 MSG = {"messages": [{"role": "user", "content": "plan"}]}
 
@@ -83,39 +82,18 @@ async def test_stop_signal_drains_in_flight_streams_and_every_row(served: Served
 async def test_bad_config_exits_2_naming_file_and_key(tmp_path: Path) -> None:
     cfg = tmp_path / "proxy.yaml"
     cfg.write_text("routing:\n  primary: llama\n  escalate_afterr: 3\n")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "serve",
-        "--config",
-        str(cfg),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 2
-    assert str(cfg) in err.decode() and "escalate_afterr" in err.decode()
+    rc, _, err = await run_cli("serve", "--config", str(cfg))
+    assert rc == 2
+    assert str(cfg) in err and "escalate_afterr" in err
 
 
 async def test_missing_key_is_a_startup_warning_naming_tier_and_variable(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MOONSHOT_API_KEY"}
     cfg = tmp_path / "proxy.yaml"
     cfg.write_text(f"ledger: {{path: {tmp_path / 'l.db'}}}\n")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        "check",
-        "--config",
-        str(cfg),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 0
-    assert "tier 'kimi' is skipped: its API key variable MOONSHOT_API_KEY is not set" in out.decode()
+    rc, out, _ = await run_cli("check", "--config", str(cfg), env=env)
+    assert rc == 0
+    assert "tier 'kimi' is skipped: its API key variable MOONSHOT_API_KEY is not set" in out
 
     run = await start_proxy(tmp_path, {"ledger": {"path": str(tmp_path / "l.db")}}, env={"MOONSHOT_API_KEY": ""})
     assert await run.stop() == 0

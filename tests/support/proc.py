@@ -57,6 +57,16 @@ class Served:
         return self.run.url
 
 
+async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 20) -> tuple[int, str, str]:
+    """`proxy ARGS...` to completion: (exit status, stdout, stderr). `env` replaces the environment."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 async def start_proxy(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None, *args: str) -> Running:
     cfg = tmp_path / "proxy.yaml"
     cfg.write_text(yaml.safe_dump(config))
