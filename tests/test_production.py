@@ -339,3 +339,23 @@ async def test_real_process_drops_slow_heads_and_answers_bad_http_in_json(
     finally:
         assert await run.stop() == 0
     assert "refused a malformed HTTP request" in run.log_text()
+
+
+async def test_idle_timeout_never_cuts_a_call_in_progress(
+    make_proxy: ProxyFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """The idle timeout (0.1 s here) bounds waiting for a request head, not answering: a stream
+    and a slow answer that each take ~0.4 s complete, on fresh and on reused connections."""
+    upstreams["llama"].script(
+        Behaviour(chunks=20, chunk_delay=0.02),
+        Behaviour(headers_delay=0.4),
+        Behaviour(chunks=20, chunk_delay=0.02),
+    )
+    client = await make_proxy(
+        server={"idle_timeout_seconds": 0.1}, tiers=tier_config(upstreams, llama={"timeout_seconds": 5})
+    )
+    for stream in (True, False, True):
+        async with client.post("/v1/chat/completions", json={"model": "auto", "stream": stream, **MSG}) as r:
+            body = await r.read()
+            assert r.status == 200 and r.headers["X-Proxy-Tier"] == "llama", body
+            assert body.endswith(b"data: [DONE]\n\n") if stream else b'"choices"' in body
