@@ -127,8 +127,10 @@ class Target:
         """With `old` (the same tier before a reload), its gate carries over while the cap is
         unchanged, so the calls still running keep counting against the new target's cap."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=tier.connect_timeout)
-        keep = old is not None and old.tier.max_connections == tier.max_connections
-        gate = old.gate if old is not None and keep else asyncio.Semaphore(tier.max_connections)
+        if old is not None and old.tier.max_connections == tier.max_connections:
+            gate = old.gate
+        else:
+            gate = asyncio.Semaphore(tier.max_connections)
         return cls(session, tier, max_response_bytes, gate, timeout)
 
     def post(self, out: Outbound) -> aiohttp.client._RequestContextManager:
