@@ -279,7 +279,7 @@ def _generated(results: dict[str, Any], json_path: Path, chart_path: Path) -> st
     )
     fallbacks = []
     if m.get("upstream") != "nginx":
-        fallbacks.append("nginx was missing: the fast upstream was the built-in `proxy.simulate`.")
+        fallbacks.append("nginx was missing: the fast upstream was the built-in `proxy.sim`.")
     if m.get("load_tool") != "wrk":
         fallbacks.append("wrk was missing: load came from hey (per-worker `-q` rate limit, csv percentiles).")
     ledger = results.get("ledger", {})
@@ -344,7 +344,7 @@ lines, {log.get("tracebacks")} tracebacks.
 
 ## Paced streams held by one core
 
-64 deltas 20 ms apart from `proxy.simulate` in its own process; concurrency stepped, {plan.get("hold_s")} s
+64 deltas 20 ms apart from `proxy.sim` in its own process; concurrency stepped, {plan.get("hold_s")} s
 each; a step is held with no errors and a gap p99 at most {GAP_SLACK_MS:g} ms above direct's at the same
 concurrency (the stream clients and the paced upstream share the load core, so direct's own gap p99
 grows with concurrency too; where it passes {SATURATED_MS:g} ms the load core is the limit and the step
@@ -360,7 +360,7 @@ during the step (for direct: the paced upstream's).
   1.4 KB chat completion and `POST /stream/v1/chat/completions` with a canned 16 KB SSE stream
   (role chunk, 64 deltas, finish chunk, usage chunk, `[DONE]`), both `return 200` from memory,
   config written to a temp dir, nginx run in the foreground with its own pid/log paths.
-  The paced upstream is `proxy.simulate` (`Behaviour(chunk_delay=0.02, chunks=64)`,
+  The paced upstream is `proxy.sim` (`Behaviour(chunk_delay=0.02, chunks=64)`,
   `record_requests=False`) in its own process on core 1.
 - **Systems**: *direct* = the upstream itself. *proxy* = `proxy serve --config <generated> --port P`
   on core 0 (`taskset -c 0`), ledger on (a temp dir), tiers llama/ollama/kimi all on the upstream

@@ -4,8 +4,8 @@ nginx serves `POST {base}/v1/chat/completions` with a ~1.4 KB chat completion an
 `POST {base}/stream/v1/chat/completions` with a canned SSE stream (role chunk, 64 content
 deltas, finish chunk, usage chunk, `data: [DONE]`), both with `return 200`, one worker, its own
 pid/log/temp paths in a temp dir, run in the foreground. Where nginx is missing, the same two
-routes come from `proxy.simulate` (said in the output). The paced upstream (64 deltas 20 ms
-apart) is `proxy.simulate` in its own process: `python -m bench.upstream PORT [--paced]`.
+routes come from `proxy.sim` (said in the output). The paced upstream (64 deltas 20 ms
+apart) is `proxy.sim` in its own process: `python -m bench.upstream PORT [--paced]`.
 """
 
 from __future__ import annotations
@@ -139,9 +139,9 @@ def start_fast_upstream(workdir: Path) -> tuple[Service, str]:
         argv = pinned(LOAD_CORE, [nginx, "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "nginx-error.log")])
         svc = Service("nginx", argv, port, workdir / "nginx.out").start(health="/health")
         return svc, "nginx"
-    say("nginx is missing: FALLING BACK to the built-in simulated upstream (proxy.simulate) for the fast upstream")
+    say("nginx is missing: FALLING BACK to the built-in simulated upstream (proxy.sim) for the fast upstream")
     argv = pinned(LOAD_CORE, python_module_argv("bench.upstream", str(port)))
-    return Service("sim-fast", argv, port, workdir / "sim-fast.out").start(health="/health"), "proxy.simulate"
+    return Service("sim-fast", argv, port, workdir / "sim-fast.out").start(health="/health"), "proxy.sim"
 
 
 def start_paced_upstream(workdir: Path) -> Service:
@@ -155,7 +155,7 @@ def start_paced_upstream(workdir: Path) -> Service:
 async def _serve_sim(port: int, paced: bool) -> None:
     from aiohttp import web
 
-    from proxy.simulate import Behaviour, SimSettings, create_sim_app
+    from proxy.sim import Behaviour, SimSettings, create_sim_app
 
     behaviour = Behaviour(chunk_delay=PACE_SECONDS, chunks=CHUNKS) if paced else Behaviour(chunks=CHUNKS)
     app = create_sim_app(SimSettings(name="bench", default=behaviour, record_requests=False))

@@ -1,76 +1,27 @@
-"""create_app(config): routes, middlewares and the lifetimes of shared resources."""
+"""create_app(config): the proxy assembled: the gateway's routes and middlewares, the
+operational endpoints, and the lifetimes of what they share (the ledger, the upstream session,
+SIGHUP reloads)."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from decimal import Decimal
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
-from proxy import handlers
-from proxy.clients import authenticate
 from proxy.config import Config
-from proxy.errors import MethodNotAllowed, NotFound, PayloadTooLarge, ProxyError, error_response
-from proxy.ledger import Ledger
-from proxy.metrics import Metrics, Snapshot
-from proxy.records import CallRecord, RecordSink
-from proxy.reload import sighup_reloads
-from proxy.state import CLIENT_KEY, STATE, ProxyState
+from proxy.gateway import catalog, chat
+from proxy.gateway.auth import client_keys
+from proxy.gateway.client_io import expect, openai_errors
+from proxy.gateway.state import STATE, ProxyState
+from proxy.ledger import Ledger, StoreError
+from proxy.ops import endpoints
+from proxy.ops.reload import sighup_reloads
 
 log = logging.getLogger("proxy")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-_GUARDED = ("/v1/", "/proxy/")
-
-
-@web.middleware
-async def client_keys(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With auth.keys configured, /v1 and /proxy need a valid key, within its rate limit."""
-    if request.path.startswith(_GUARDED):
-        state = request.app[STATE]
-        key = authenticate(state.config, request.headers.get("Authorization"))
-        if key is not None:
-            state.limits.admit(key, time.monotonic())
-            request[CLIENT_KEY] = key
-    return await handler(request)
-
-
-@web.middleware
-async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves in OpenAI's format, including aiohttp's own 404/405/413."""
-    try:
-        return await handler(request)
-    except ProxyError as e:
-        return error_response(e)
-    except web.HTTPException as e:
-        if e.status < 400:
-            raise
-        return error_response(_as_proxy_error(request, e))
-
-
-def _as_proxy_error(request: web.Request, e: web.HTTPException) -> ProxyError:
-    if e.status == 404:
-        return NotFound(f"Unknown endpoint {request.method} {request.path}.", code="unknown_url")
-    if e.status == 405:
-        allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
-        return MethodNotAllowed(
-            f"Method {request.method} is not allowed on {request.path}; use {allowed or 'another method'}.",
-            code="method_not_allowed",
-            headers={"Allow": allowed} if allowed else None,
-        )
-    if e.status == 413:
-        return PayloadTooLarge(f"The request body is too large ({e.reason}).", code="request_too_large")
-    err = ProxyError(e.reason or "HTTP error", code=None)
-    err.status = e.status
-    return err
 
 
 def create_app(
@@ -78,54 +29,41 @@ def create_app(
     *,
     db_path: str | None = None,
     config_path: str | None = None,
-    sink: RecordSink | None = None,
+    with_ledger: bool = True,
     rng: random.Random | None = None,
 ) -> web.Application:
-    """The proxy app. Records go to the SQLite ledger at `db_path` (default: the config's), or,
-    when `sink` is given, to that sink instead (tests, embedding). With `config_path`, SIGHUP
-    reloads that file."""
+    """The proxy app. Records go to the SQLite ledger at `db_path` (default: the config's), or
+    nowhere with `with_ledger=False` (tests, embedding). With `config_path`, SIGHUP reloads
+    that file."""
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[openai_errors, client_keys])
-    state = ProxyState.build(config, rng)
-    state.metrics = Metrics(functools.partial(_snapshot, state))
-    app[STATE] = state
-    if sink is not None:
-        state.sink = sink
-    else:
-        state.ledger_path = db_path or config.ledger.path
+    ledger_path = (db_path or config.ledger.path) if with_ledger else None
+    state = app[STATE] = ProxyState.build(config, ledger_path=ledger_path, rng=rng)
+    if state.ledger is not None:
         # Registered first so it is torn down last: the queue drains after the last request.
         app.cleanup_ctx.append(_ledger)
     app.cleanup_ctx.append(_upstream_session)
     if config_path is not None:
         state.config_path = config_path
         app.cleanup_ctx.append(sighup_reloads)
-    expect = handlers.expect  # other Expect values than 100-continue get a 417 in OpenAI's format
-    app.router.add_post("/v1/chat/completions", handlers.chat_completions, expect_handler=expect)
-    app.router.add_get("/v1/models", handlers.list_models, expect_handler=expect)
-    app.router.add_get("/healthz", handlers.healthz, expect_handler=expect)
-    app.router.add_get("/readyz", handlers.readyz, expect_handler=expect)
-    app.router.add_get("/proxy/report", handlers.report, expect_handler=expect)
-    app.router.add_get("/metrics", handlers.metrics, expect_handler=expect)
-    app.router.add_get("/openapi.yaml", handlers.openapi, expect_handler=expect)
-    app.router.add_route("*", "/v1/{tail:.*}", handlers.unknown_v1, expect_handler=expect)
+    r = app.router
+    # expect: other Expect values than 100-continue get a 417 in OpenAI's format
+    r.add_post("/v1/chat/completions", chat.post_chat_completions, expect_handler=expect)
+    r.add_get("/v1/models", catalog.get_models, expect_handler=expect)
+    r.add_get("/healthz", endpoints.get_healthz, expect_handler=expect)
+    r.add_get("/readyz", endpoints.get_readyz, expect_handler=expect)
+    r.add_get("/proxy/report", endpoints.get_report, expect_handler=expect)
+    r.add_get("/metrics", endpoints.get_metrics, expect_handler=expect)
+    r.add_get("/openapi.yaml", endpoints.get_openapi, expect_handler=expect)
+    r.add_route("*", "/v1/{tail:.*}", catalog.unknown_v1, expect_handler=expect)
     return app
 
 
 async def _ledger(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    assert state.ledger_path is not None
-    ledger = Ledger(
-        state.config,
-        state.ledger_path,
-        budget=state.budget,
-        busy_timeout_ms=state.config.ledger.busy_timeout_ms,
-        on_cost=[functools.partial(_count_cost, state)],
-    )
+    ledger = state.ledger
+    assert ledger is not None
     await ledger.start()
-    try:
-        await state.limits.load(ledger, time.time())
-    except sqlite3.Error as e:
-        log.error("cannot load today's spend per client key from %s: %s; counting from 0", state.ledger_path, e)
-    state.sink = ledger
+    await _load_spend(state, ledger)
     try:
         yield
     finally:
@@ -133,28 +71,24 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         stats = ledger.stats
         log.info(
             "ledger %s closed: %d requests written, %d spilled, %d lost",
-            state.ledger_path,
+            ledger.store.location,
             stats.written,
             stats.spilled,
             stats.failed,
         )
 
 
-def _count_cost(state: ProxyState, cost: Decimal, rec: CallRecord) -> None:
-    """What the ledger priced: toward the client's daily cap and the cost metric."""
-    state.limits.record(rec.client, cost, rec.started_at)
-    if state.metrics is not None:
-        state.metrics.add_cost(rec.tier or (rec.attempts[-1].tier if rec.attempts else "none"), cost)
-
-
-def _snapshot(state: ProxyState) -> Snapshot:
-    sink = state.sink
-    return Snapshot(
-        breakers=state.breakers.snapshot(time.monotonic()),
-        budget_remaining_usd=state.budget.remaining(time.time()),
-        ledger=sink.stats if isinstance(sink, Ledger) else None,
-        tiers=[t.id for t in state.config.tiers],
-    )
+async def _load_spend(state: ProxyState, ledger: Ledger) -> None:
+    """Spend so far, for the budgets and the client caps: before the first request is served,
+    so that nothing counts twice."""
+    try:
+        await state.budget.load(ledger, time.time())
+    except StoreError as e:
+        log.error("ledger: cannot load budget spend from %s: %s; counting from 0", ledger.store.location, e)
+    try:
+        await state.limits.load(ledger, time.time())
+    except StoreError as e:
+        log.error("cannot load today's spend per client key from %s: %s; counting from 0", ledger.store.location, e)
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

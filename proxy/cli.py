@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            from proxy.serve import serve
+            from proxy.ops.serve import serve
 
             return serve(
                 _load(args.config),
@@ -79,22 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_format=args.log_format,
             )
         if args.command == "check":
-            from proxy.check import describe
+            from proxy.ops.check import describe
 
             print(describe(_load(args.config)))
             return 0
         if args.command == "demo":
-            from proxy.demo import run_demo
+            from proxy.sim.demo import run_demo
 
             return asyncio.run(run_demo(args.port, args.failure_rate, args.requests, serve=not args.no_serve))
         if args.command == "report":
-            from proxy.reports import report_main
+            from proxy.ledger.report_text import report_main
 
             code, text = report_main(_db_path(args), args.since, args.json)
             print(text)
             return code
         if args.command == "ledger":
-            from proxy.reports import import_main
+            from proxy.ledger.spill import import_main
 
             code, text = import_main(_db_path(args))
             print(text)

@@ -62,6 +62,10 @@ class AttemptRecord:
     error: str | None = None
     usage: Usage | None = None
 
+    def fail(self, outcome: AttemptOutcome, error: str) -> None:
+        self.outcome = outcome
+        self.error = error
+
 
 @dataclass(slots=True)
 class CallRecord:
@@ -90,8 +94,3 @@ class RecordSink(Protocol):
     """Takes finished records. `submit` must never block or raise."""
 
     def submit(self, record: CallRecord) -> None: ...
-
-
-class NullSink:
-    def submit(self, record: CallRecord) -> None:
-        return None

@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.app import create_app
 from proxy.config import Config, build_config
-from proxy.simulate import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
+from proxy.sim import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
 from tests.support.llamacpp import LlamaCppServer
 from tests.support.secret_scan import KIMI_KEY, SCAN
 from tests.support.server import ProxyTestServer

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.budget import BudgetTracker, window_start
 from proxy.config import BudgetSpec, Config, build_config
 from proxy.ledger import Ledger
+from proxy.ledger.budget import BudgetTracker, window_start
 from proxy.records import CallRecord, Route
 
 D = Decimal
@@ -122,8 +122,9 @@ async def test_spend_survives_a_restart_and_exhausts_the_budget(tmp_path: Path) 
     now = time.time()
 
     tracker = BudgetTracker(config.budgets)
-    ledger = Ledger(config, db, budget=tracker)
+    ledger = Ledger(config, db, on_cost=lambda cost, rec: tracker.record(cost, rec.started_at))
     await ledger.start()
+    await tracker.load(ledger)
     for i in range(3):
         ledger.submit(kimi_call(f"a{i}", now))
     # Counted at submit time, before the writer has flushed anything.
@@ -131,8 +132,9 @@ async def test_spend_survives_a_restart_and_exhausts_the_budget(tmp_path: Path) 
     await ledger.close()
 
     tracker = BudgetTracker(config.budgets)  # a new process
-    ledger = Ledger(config, db, budget=tracker)
+    ledger = Ledger(config, db, on_cost=lambda cost, rec: tracker.record(cost, rec.started_at))
     await ledger.start()
+    await tracker.load(ledger)
     assert {w.window: w.spent for w in tracker.state(now).windows} == {"daily": D("0.0024"), "weekly": D("0.0024")}
     for i in range(4):
         ledger.submit(kimi_call(f"b{i}", now))

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.simulate import Behaviour
+from proxy.sim import Behaviour
 from tests.conftest import ProxyFactory, Upstream, closed_port_url, tier_config
 from tests.support.secret_scan import KIMI_KEY
 

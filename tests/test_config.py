@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.check import describe
 from proxy.config import ConfigError, build_config, load_config
-from proxy.legacy import normalise_url
+from proxy.config.strategic_planner import normalise_url
+from proxy.ops.check import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,12 +6,12 @@ import random
 from collections import deque
 from collections.abc import Iterable
 
-from proxy.breaker import BreakerBoard, BreakerState
 from proxy.config import RetrySpec, Tier, build_config
-from proxy.failover import Failover
+from proxy.gateway.breaker import BreakerBoard, BreakerState
+from proxy.gateway.failover import Failover
+from proxy.gateway.routing import RouteHints, make_plan
+from proxy.gateway.upstream import Reply
 from proxy.records import AttemptOutcome, AttemptRecord
-from proxy.routing import RouteHints, make_plan
-from proxy.upstream import Reply
 
 CONFIG = build_config({}, "<t>", {"MOONSHOT_API_KEY": "k"})
 

@@ -42,7 +42,7 @@ import aiohttp
 import orjson
 import pytest
 
-from proxy.simulate import Behaviour
+from proxy.sim import Behaviour
 from tests.support.faults import (
     Answer,
     Observation,

@@ -57,7 +57,7 @@ from schemathesis.specs.openapi.checks import (
 
 from proxy.app import create_app
 from proxy.config import Config
-from proxy.simulate import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app, start_sim
+from proxy.sim import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app, start_sim
 from tests.conftest import FAST, Upstream, make_config, tier_config
 from tests.support.proc import Running, start_proxy
 from tests.support.secret_scan import KIMI_KEY

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from aiohttp.test_utils import TestServer
 
-from proxy.simulate import SIM_STATS, SimSettings, create_sim_app
+from proxy.sim import SIM_STATS, SimSettings, create_sim_app
 from tests.support.secret_scan import KIMI_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,7 +177,7 @@ def compose(
 
 @pytest.fixture
 def ollama_standin(image: str, tmp_path: Path) -> str:
-    """The ollama/ollama image's stand-in: the proxy image (aiohttp, proxy.simulate) plus an
+    """The ollama/ollama image's stand-in: the proxy image (aiohttp, proxy.sim) plus an
     `ollama` command (tests/support/ollama_standin.py), running as root like the real one."""
     if docker("compose", "version", check=False).returncode != 0:
         pytest.fail("no `docker compose` (v2.24+) plugin: run .ci/docker-engine")
@@ -317,7 +317,7 @@ def test_readme_systemd_steps_run_the_hardened_unit_under_systemd(systemd_box: s
     for command in commands[: start + 1]:
         sh(command, timeout=600)
     # proxy.yaml's llama and ollama tiers are an Ollama at localhost:11434: a simulated one.
-    sim = "from aiohttp import web; from proxy.simulate import create_sim_app as app; "
+    sim = "from aiohttp import web; from proxy.sim import create_sim_app as app; "
     sim += "web.run_app(app(), host='127.0.0.1', port=11434, print=None)"
     docker("exec", "-d", systemd_box, "/opt/proxy/venv/bin/python", "-c", sim)
     call = (

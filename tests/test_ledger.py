@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from proxy.config import Config, build_config
-from proxy.ledger import Entry, Ledger, Pricer, iso_utc, open_db, rebuild_rollups, spill_path
-from proxy.migrations import MIGRATIONS, migrate
+from proxy.ledger import Ledger, LedgerEntry, Pricer, iso_utc, open_db, rebuild_rollups, spill_path
+from proxy.ledger.migrations import MIGRATIONS, migrate
+from proxy.ledger.spill import import_ledger
 from proxy.records import (
     AttemptOutcome,
     AttemptRecord,
@@ -23,7 +24,6 @@ from proxy.records import (
     Usage,
     UsageSource,
 )
-from proxy.reports import import_ledger
 
 T0 = datetime(2026, 11, 26, 15, 4, 5, 123000, tzinfo=UTC).timestamp()
 
@@ -293,7 +293,7 @@ async def test_import_is_idempotent(tmp_path: Path) -> None:
     assert rows(db, "SELECT count(*) FROM requests")[0][0] == 3
     assert rows(db, "SELECT sum(calls) FROM daily_usage")[0][0] == 3
     assert Path(f"{db}.spill.rejected.jsonl").read_bytes() == b'{"torn line\n'
-    assert Entry.from_json(entries[0].to_json()) == entries[0]
+    assert LedgerEntry.from_json(entries[0].to_json()) == entries[0]
 
 
 async def test_vanished_directory_loses_nothing_silently_and_recovers(tmp_path: Path) -> None:
@@ -353,7 +353,7 @@ async def test_submit_never_raises(tmp_path: Path) -> None:
     await ledger.close()
     assert (ledger.stats.failed, ledger.stats.written) == (1, 1)
     ledger.submit(call("late"))  # after close: appended to the spill file
-    assert ledger.stats.spilled == 1 and spill_path(ledger.path).exists()
+    assert ledger.stats.spilled == 1 and ledger.spill_path.exists()
 
 
 async def test_rollups_match_a_rebuild_from_raw_rows(tmp_path: Path) -> None:

@@ -20,10 +20,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proxy.app import create_app
-from proxy.ledger import Ledger
-from proxy.reports import report_text
-from proxy.simulate import Behaviour
-from proxy.state import STATE
+from proxy.gateway.state import STATE
+from proxy.ledger.report_text import report_text
+from proxy.sim import Behaviour
 from tests.conftest import ProxyFactory, Upstream, make_config, tier_config
 
 MSG = {"messages": [{"role": "user", "content": "plan the next step"}]}
@@ -32,11 +31,10 @@ KIMI_TOKENS = {"price": {"input_per_mtok": 0.60, "cached_input_per_mtok": 0.15, 
 
 
 async def rows(client: TestClient[web.Request, web.Application], sql: str, *args: Any) -> list[sqlite3.Row]:
-    state = client.app[STATE]
-    assert isinstance(state.sink, Ledger)
-    await state.sink.flush()
-    assert state.ledger_path is not None
-    with sqlite3.connect(state.ledger_path) as conn:
+    ledger = client.app[STATE].ledger
+    assert ledger is not None
+    await ledger.flush()
+    with sqlite3.connect(ledger.store.location) as conn:
         conn.row_factory = sqlite3.Row
         return list(conn.execute(sql, args))
 
@@ -202,9 +200,9 @@ async def test_nine_llama_one_kimi_report_matches_original_design(
     assert report["savings_usd"] == 0.0072
     assert report["free_call_pct"] == 90.0
     # the CLI's JSON is the same report, and a hand-written SQL sum agrees with both
-    state = client.app[STATE]
-    assert state.ledger_path is not None
-    code, text = await report_text(state.ledger_path, "24h", as_json=True)
+    ledger = client.app[STATE].ledger
+    assert ledger is not None
+    code, text = await report_text(ledger.store.location, "24h", as_json=True)
     assert code == 0
     cli = json.loads(text)
     for key in ("calls", "cost_usd", "savings_usd", "free_call_pct"):
@@ -264,8 +262,8 @@ async def test_locked_database_spills_then_imports_on_restart(
     try:
         for _ in range(20):
             assert (await client.post("/v1/chat/completions", json={"model": "auto", **MSG})).status == 200
-        ledger = client.app[STATE].sink
-        assert isinstance(ledger, Ledger)
+        ledger = client.app[STATE].ledger
+        assert ledger is not None
         for _ in range(200):
             if ledger.stats.spilled == 20:
                 break
@@ -338,8 +336,8 @@ async def test_read_only_database_spills_then_imports(
         for _ in range(10):
             assert (await client.post("/v1/chat/completions", json={"model": "auto", **MSG})).status == 200
         await client.close()
-        ledger = client.app[STATE].sink
-        assert isinstance(ledger, Ledger)
+        ledger = client.app[STATE].ledger
+        assert ledger is not None
         assert (ledger.stats.written, ledger.stats.spilled, ledger.stats.failed) == (0, 10, 0)
 
     client = await aiohttp_client(create_app(config))

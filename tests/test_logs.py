@@ -11,8 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy import logs
-from proxy.logs import ACCESS_LOGGER, log_request, setup_logging
+from proxy.ops import logs
+from proxy.ops.logs import ACCESS_LOGGER, log_request, setup_logging
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route, Usage
 
 MARKER = "MARKER-7f3a"

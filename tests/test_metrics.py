@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.breaker import BreakerState
+from proxy.gateway.breaker import BreakerState
 from proxy.ledger import LedgerStats
-from proxy.metrics import Metrics, Snapshot
+from proxy.ops.metrics import Metrics, Snapshot
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route, Usage
 
 TIERS = ("llama", "ollama", "kimi")

@@ -3,7 +3,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from proxy.config import Price, load_config
-from proxy.pricing import (
+from proxy.ledger.pricing import (
     FREE,
     attempt_cost_usd,
     baseline_cost_usd,

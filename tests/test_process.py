@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.simulate import SIM_STATS, Behaviour, SimSettings, create_sim_app
+from proxy.sim import SIM_STATS, Behaviour, SimSettings, create_sim_app
 from tests.support.proc import Served, run_cli, start_proxy
 
 MSG = {"messages": [{"role": "user", "content": "plan"}]}

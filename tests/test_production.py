@@ -16,10 +16,11 @@ import yaml
 from aiohttp.test_utils import TestServer
 
 from proxy.config import build_config
-from proxy.reload import apply_config
-from proxy.serve import _listen_host
-from proxy.simulate import SIM_STATS, Behaviour, SimSettings, create_sim_app
-from proxy.state import STATE
+from proxy.gateway.state import STATE
+from proxy.ledger import Ledger
+from proxy.ops.reload import apply_config
+from proxy.ops.serve import _listen_host
+from proxy.sim import SIM_STATS, Behaviour, SimSettings, create_sim_app
 from tests.conftest import ProxyFactory, Upstream, closed_port_url, make_config, tier_config
 from tests.support.faults import drip_until_closed
 from tests.support.proc import start_proxy
@@ -62,15 +63,19 @@ async def test_client_keys_401_and_names_in_ledger(make_proxy: ProxyFactory, ups
     assert "authorization" not in got, "the client's key never goes upstream"
     report = await client.get("/proxy/report", headers=bearer(PLANNER_KEY))
     assert report.status == 200
-    await client.app[STATE].sink.flush()  # type: ignore[attr-defined]
+    await _ledger(client).flush()
     with sqlite3.connect(_db(client)) as conn:
         assert conn.execute("SELECT client FROM requests").fetchall() == [("other",)]
 
 
+def _ledger(client: Any) -> Ledger:
+    ledger = client.app[STATE].ledger
+    assert ledger is not None
+    return ledger
+
+
 def _db(client: Any) -> str:
-    path = client.app[STATE].ledger_path
-    assert path is not None
-    return str(path)
+    return _ledger(client).store.location
 
 
 async def test_rate_limit_is_429_with_retry_after(make_proxy: ProxyFactory) -> None:
@@ -201,7 +206,7 @@ async def test_reload_applies_keys_prices_and_budgets(make_proxy: ProxyFactory, 
     after = await post(complex_)
     assert after.headers["X-Proxy-Route"] == "budget", "the reloaded budget is spent by the reloaded price"
     assert after.headers["X-Proxy-Tier"] != "kimi"
-    await state.sink.flush()  # type: ignore[attr-defined]
+    await _ledger(client).flush()
     with sqlite3.connect(_db(client)) as conn:
         costs = [c for (c,) in conn.execute("SELECT cost_usd FROM requests WHERE tier = 'kimi' ORDER BY started_at")]
     assert costs[:2] == [0.0, 0.0] and costs[2] > 0.01, costs

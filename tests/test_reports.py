@@ -14,8 +14,11 @@ import pytest
 
 from proxy.config import Config, build_config
 from proxy.ledger import Ledger, iso_utc, open_db, rebuild_rollups
+from proxy.ledger.report import ALLOWED_SINCE, parse_since
+from proxy.ledger.report_read import build_report
+from proxy.ledger.report_text import render_table, report_main
+from proxy.ledger.spill import import_main
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route, Usage
-from proxy.reports import ALLOWED_SINCE, build_report, import_main, parse_since, render_table, report_main
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC).timestamp()
 TIERS: dict[str, dict[str, Any]] = {

@@ -8,7 +8,7 @@ import pytest
 
 from proxy.config import Config, build_config
 from proxy.errors import BadRequest, NotFound, RateLimited, Unavailable
-from proxy.routing import RouteHints, make_plan, parse_hints
+from proxy.gateway.routing import RouteHints, make_plan, parse_hints
 
 ENV = {"MOONSHOT_API_KEY": "k"}
 

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.config import ServerSpec
-from proxy.server import runner_for
+from proxy.ops.runner import runner_for
 
 
 class _Runner(TestServer):

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.simulate import (
+from proxy.sim import (
     SIM_SETTINGS,
     SIM_STATS,
     Behaviour,

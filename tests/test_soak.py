@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.simulate import Behaviour
+from proxy.sim import Behaviour
 from tests.support.faults import (
     Answer,
     Observation,

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy.simulate import Behaviour
+from proxy.sim import Behaviour
 from tests.conftest import ProxyFactory, Upstream, tier_config
 
 MSG = {"messages": [{"role": "user", "content": "plan"}]}

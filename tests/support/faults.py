@@ -1,6 +1,6 @@
 """Helpers for the fault matrix (tests/test_faults.py) and the soak (tests/test_soak.py).
 
-- `SimThread`: simulated upstream tiers (proxy.simulate) on an event loop of their own in a
+- `SimThread`: simulated upstream tiers (proxy.sim) on an event loop of their own in a
   background thread, so one set of upstreams can outlive pytest's per-test event loops and a
   module-scoped `proxy serve` process can sit in front of them. Each `Sim` can also be told to
   answer with raw bytes (`RawReply`) for faults aiohttp would never produce itself (a truncated
@@ -42,7 +42,7 @@ import orjson
 import yaml
 from aiohttp import web
 
-from proxy.simulate import SIM_SETTINGS, SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
+from proxy.sim import SIM_SETTINGS, SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
 from tests.support.secret_scan import KIMI_KEY
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 """A stand-in for the `ollama` command of the ollama/ollama image, for the compose run in
 tests/test_image.py: Docker Hub, and so the real image and its 9 GB of models, is out of reach.
 
-`ollama serve` answers OpenAI's /v1/chat/completions with proxy.simulate, and Ollama's /api/tags,
+`ollama serve` answers OpenAI's /v1/chat/completions with proxy.sim, and Ollama's /api/tags,
 /api/show and /api/pull from a list of "pulled" model names kept on the models volume;
 `ollama list`, `show` and `pull` ask the server at $OLLAMA_HOST, as the real CLI does, and exit
 non-zero when it cannot answer. That is all deploy/docker-compose.yml asks of the image.
@@ -27,7 +27,7 @@ def _pulled() -> list[str]:
 def serve() -> None:
     from aiohttp import web
 
-    from proxy.simulate import SimSettings, create_sim_app
+    from proxy.sim import SimSettings, create_sim_app
 
     async def tags(request: web.Request) -> web.Response:
         return web.json_response({"models": [{"name": m} for m in _pulled()]})

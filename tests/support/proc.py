@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy.simulate import SimSettings, SimStats
+from proxy.sim import SimSettings, SimStats
 
 
 def free_port() -> int:

@@ -9,8 +9,8 @@ from typing import Any
 from aiohttp.test_utils import TestServer
 from aiohttp.web_runner import BaseRunner
 
-from proxy.server import runner_for
-from proxy.state import STATE
+from proxy.gateway.state import STATE
+from proxy.ops.runner import runner_for
 from tests.support.secret_scan import SCAN
 
 

@@ -1,0 +1,42 @@
+"""Configuration: proxy.yaml (and the original `strategic_planner:` block) -> a frozen `Config`.
+
+- `schema.py`: the file's shapes, decoded strictly with msgspec
+- `strategic_planner.py`: the original system's block, mapped onto those shapes
+- `load.py`: reading, validating and resolving (environment variables, names, prices)
+- `resolved.py`: the frozen types every other part reads
+"""
+
+from proxy.config.load import ConfigError, build_config, load_config
+from proxy.config.resolved import ClientKey, Config, Price, Tier
+from proxy.config.schema import (
+    AuthSpec,
+    BudgetSpec,
+    ClientKeySpec,
+    FileSpec,
+    LedgerSpec,
+    PriceSpec,
+    RetrySpec,
+    RoutingSpec,
+    ServerSpec,
+    TierSpec,
+)
+
+__all__ = [
+    "AuthSpec",
+    "BudgetSpec",
+    "ClientKey",
+    "ClientKeySpec",
+    "Config",
+    "ConfigError",
+    "FileSpec",
+    "LedgerSpec",
+    "Price",
+    "PriceSpec",
+    "RetrySpec",
+    "RoutingSpec",
+    "ServerSpec",
+    "Tier",
+    "TierSpec",
+    "build_config",
+    "load_config",
+]

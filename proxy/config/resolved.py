@@ -1,0 +1,84 @@
+"""What a config resolves to: the frozen, typed `Config` the rest of the proxy reads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from proxy.config.schema import BudgetSpec, LedgerSpec, RetrySpec, RoutingSpec, ServerSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    input_per_mtok: Decimal
+    cached_input_per_mtok: Decimal
+    output_per_mtok: Decimal
+    per_call_usd: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    id: str
+    base_url: str  # without trailing slash, e.g. http://host:port/v1
+    model: str
+    paid: bool
+    aliases: tuple[str, ...]
+    timeout: float
+    stream_idle_timeout: float
+    connect_timeout: float
+    max_connections: int
+    price: Price
+    api_key_env: str | None
+    api_key: str | None = field(default=None, repr=False)
+    skip_reason: str | None = None  # set when the tier cannot be used (disabled, no key)
+
+    @property
+    def usable(self) -> bool:
+        return self.skip_reason is None
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url + "/chat/completions"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    name: str
+    digest: bytes = field(repr=False)  # SHA-256 of the secret; the secret itself is not kept
+    requests_per_minute: int | None
+    daily_usd: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str  # the file it came from, or "<defaults>"
+    server: ServerSpec
+    routing: RoutingSpec
+    retries: RetrySpec
+    ledger: LedgerSpec
+    budgets: BudgetSpec
+    tiers: tuple[Tier, ...]  # every configured tier in config order, usable or not
+    warnings: tuple[str, ...] = ()
+    pin_names: Mapping[str, str] = field(default_factory=dict)
+    # Client keys: with `auth_required` every /v1 and /proxy request needs one of `client_keys`.
+    auth_required: bool = False
+    client_keys: tuple[ClientKey, ...] = ()
+
+    def tier(self, tier_id: str) -> Tier:
+        for t in self.tiers:
+            if t.id == tier_id:
+                return t
+        raise KeyError(tier_id)
+
+    @property
+    def usable_tiers(self) -> tuple[Tier, ...]:
+        return tuple(t for t in self.tiers if t.usable)
+
+    def model_names(self) -> Mapping[str, str]:
+        """Every name a client may put in `model` that pins a usable tier -> the tier id."""
+        return self.pin_names
+
+    @property
+    def auto_model_names(self) -> frozenset[str]:
+        return frozenset({"auto", self.routing.default_model})

@@ -1,0 +1,141 @@
+"""What proxy.yaml may say: the msgspec structs it is decoded into, strictly.
+
+Unknown keys and wrong types are errors that name the key (see `load.py`). These are the
+file's shapes; `resolved.py` has the frozen types the rest of the proxy reads.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated
+
+import msgspec
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
+Money = Decimal
+
+
+class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class PriceSpec(Strict, frozen=True):
+    """USD prices; per million tokens, or flat per call when the upstream reports no usage."""
+
+    input_per_mtok: Money = Decimal(0)
+    cached_input_per_mtok: Money | None = None  # defaults to the input price
+    output_per_mtok: Money = Decimal(0)
+    per_call_usd: Money | None = None
+
+
+class TierSpec(Strict, frozen=True):
+    base_url: str
+    model: str
+    api_key_env: str | None = None
+    paid: bool = False
+    enabled: bool = True
+    aliases: list[str] = []
+    timeout_seconds: Positive = 30.0
+    stream_idle_timeout_seconds: Positive = 30.0
+    connect_timeout_seconds: Positive = 5.0
+    max_connections: AtLeastOne = 256
+    price: PriceSpec = PriceSpec()
+
+
+class RoutingSpec(Strict, frozen=True):
+    primary: str = "llama"
+    default_model: str = "auto"
+    use_llama_for_minor_replans: bool = True
+    escalate_after_failures: AtLeastOne = 3
+    breaker_cooldown_seconds: Positive = 30.0
+    recovery_threshold: AtLeastOne = 1
+
+
+class RetrySpec(Strict, frozen=True):
+    max_fallback_retries: AtLeastOne = 2  # attempts per tier
+    max_total_retries: AtLeastOne = 5  # attempts per request
+    backoff_initial_seconds: Positive = 0.1
+    backoff_max_seconds: Positive = 2.0
+    request_deadline_seconds: Positive = 120.0
+
+
+class ServerSpec(Strict, frozen=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    max_body_bytes: AtLeastOne = 8 * 1024 * 1024
+    max_response_bytes: AtLeastOne = 64 * 1024 * 1024
+    shutdown_timeout_seconds: Positive = 30.0
+    body_read_timeout_seconds: Positive = 30.0  # a client must send its whole body within this
+    # A connection must send a complete request head within this of opening or of its previous
+    # response, else it is closed: idle keep-alive connections and slowloris clients alike.
+    idle_timeout_seconds: Positive = 30.0
+
+
+class ClientKeySpec(Strict, frozen=True):
+    """A client allowed in: its secret from an environment variable, or only its SHA-256."""
+
+    name: str
+    secret_env: str | None = None
+    sha256: str | None = None  # hex digest of the secret, for configs that must not hold it
+    requests_per_minute: AtLeastOne | None = None
+    daily_usd: Money | None = None  # spend cap for this client, per UTC day
+
+
+class AuthSpec(Strict, frozen=True):
+    keys: list[ClientKeySpec] = []
+
+
+class LedgerSpec(Strict, frozen=True):
+    path: str = "ledger.db"
+    store_text: bool = False
+    batch_size: AtLeastOne = 500
+    busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 2000  # wait this long for a lock before retrying
+
+
+class BudgetSpec(Strict, frozen=True):
+    daily_usd: Money | None = None
+    weekly_usd: Money | None = None
+    monthly_usd: Money | None = None
+    soft_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
+
+
+def _default_tiers() -> dict[str, TierSpec]:
+    return {
+        "llama": TierSpec(
+            base_url="http://localhost:11434/v1",
+            model="llama3.1:8b",
+            timeout_seconds=30.0,
+            aliases=["llama3.1-8b", "llama-3.1-8b"],
+        ),
+        "ollama": TierSpec(
+            base_url="http://localhost:11434/v1",
+            model="qwen2.5:7b",
+            timeout_seconds=20.0,
+            aliases=["ollama-7b"],
+        ),
+        "kimi": TierSpec(
+            base_url="https://api.moonshot.ai/v1",
+            model="kimi-k2.5",
+            api_key_env="MOONSHOT_API_KEY",
+            paid=True,
+            timeout_seconds=30.0,
+            aliases=["kimi-k2"],
+            price=PriceSpec(
+                input_per_mtok=Decimal("0.60"),
+                cached_input_per_mtok=Decimal("0.15"),
+                output_per_mtok=Decimal("2.50"),
+                per_call_usd=Decimal("0.0008"),
+            ),
+        ),
+    }
+
+
+class FileSpec(Strict, frozen=True):
+    server: ServerSpec = ServerSpec()
+    routing: RoutingSpec = RoutingSpec()
+    retries: RetrySpec = RetrySpec()
+    tiers: dict[str, TierSpec] = msgspec.field(default_factory=_default_tiers)
+    ledger: LedgerSpec = LedgerSpec()
+    budgets: BudgetSpec = BudgetSpec()
+    auth: AuthSpec = AuthSpec()

@@ -1,0 +1,188 @@
+"""POST /v1/chat/completions: the request path, from the body to the answer and its record.
+
+client key -> body -> plan (routing, breakers, budget) -> the failover loop over one attempt
+per tier (upstream.py) -> the answer, or a stream relayed as it comes (relay.py) -> the record,
+handed to the ledger without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+from aiohttp import web
+
+from proxy.config import Tier
+from proxy.errors import BadRequest, ProxyError, error_response
+from proxy.gateway.body import ChatRequest, ask_for_usage, parse_chat_body
+from proxy.gateway.client_io import end_stream, read_body, start_stream
+from proxy.gateway.failover import ChainResult
+from proxy.gateway.routing import make_plan, parse_hints
+from proxy.gateway.state import CLIENT_KEY, STATE, ProxyState
+from proxy.gateway.upstream import Outbound, Reply, attempt, forwardable_headers
+from proxy.ops.logs import log_request
+from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _request_id(request: web.Request, state: ProxyState) -> str:
+    given = request.headers.get("X-Request-Id")
+    if given is not None and _REQUEST_ID.match(given):
+        return given
+    return state.new_request_id()
+
+
+async def post_chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    rec = CallRecord(
+        request_id=_request_id(request, state),
+        started_at=time.time(),
+        route=Route.DEFAULT,
+        chain=(),
+        stream=False,
+        requested_model=None,
+    )
+    close = _RecordCloser(rec, state, time.monotonic())
+    try:
+        return await _answer(request, state, rec, close)
+    except ProxyError as e:
+        rec.status, rec.outcome, rec.error = e.status, Outcome.ERROR, e.message
+        close()
+        return error_response(e, _headers(rec, state))
+    except asyncio.CancelledError:
+        rec.outcome, rec.status = Outcome.CLIENT_CANCELLED, 499
+        rec.error = "client disconnected"
+        if rec.attempts:  # what the abandoned attempt had used is still owed
+            last = rec.attempts[-1]
+            rec.usage = rec.usage or last.usage
+        raise
+    finally:
+        close()
+
+
+class _RecordCloser:
+    """Hands the record to the sink exactly once: before the response is built when possible,
+    so the cost it adds shows in X-Proxy-Budget-Remaining; else when the handler ends."""
+
+    __slots__ = ("done", "rec", "state", "t0")
+
+    def __init__(self, rec: CallRecord, state: ProxyState, t0: float) -> None:
+        self.rec, self.state, self.t0, self.done = rec, state, t0, False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.rec.duration_ms = (time.monotonic() - self.t0) * 1000.0
+            self.state.submit(self.rec)
+            log_request(self.rec)
+
+
+async def _answer(request: web.Request, state: ProxyState, rec: CallRecord, close: _RecordCloser) -> web.StreamResponse:
+    key = request.get(CLIENT_KEY)
+    if key is not None:
+        rec.client = key.name
+        state.limits.check_spend(key, time.time())
+    raw = await read_body(request, state.config.server)
+    chat = parse_chat_body(raw)
+    rec.stream, rec.requested_model = chat.stream, chat.model
+    if state.config.ledger.store_text:
+        rec.request_body = raw
+    plan = make_plan(
+        state.config,
+        parse_hints(request.headers, chat.model),
+        state.breakers.blocked(time.monotonic()),
+        paid_blocked_for=state.budget.reopens_in(time.time()),
+    )
+    rec.route, rec.chain = plan.route, plan.tier_ids
+    outbound = _outbound(request, chat)
+    try:
+        outbound.body_for(plan.chain[0])
+    except (TypeError, ValueError, RecursionError) as e:  # orjson.JSONEncodeError is a TypeError
+        raise BadRequest(
+            f"The request body cannot be forwarded: {e} (JSON nested deeper than about 250 levels?).",
+            code="invalid_body",
+        ) from None
+    targets = state.targets  # a reload mid-request must not change where its attempts go
+    committed: list[web.StreamResponse] = []
+
+    async def commit(tier: Tier, arec: AttemptRecord) -> web.StreamResponse:
+        rec.tier, rec.model, rec.ttft_ms = tier.id, arec.model, arec.ttft_ms
+        headers = _headers(rec, state, arec)
+        headers["Content-Type"] = "text/event-stream; charset=utf-8"
+        headers["Cache-Control"] = "no-cache"
+        resp = web.StreamResponse(status=200, headers=headers)
+        committed.append(resp)
+        # A client that left before the first event reached it cancels the request: that is not the tier's failure.
+        await start_stream(resp, request)
+        return resp
+
+    async def send(tier: Tier, arec: AttemptRecord, timeout: float) -> Reply:
+        return await attempt(targets[tier.id], outbound, arec, timeout, commit if chat.stream else None)
+
+    result = await state.failover.run(plan, send, rec.attempts)
+    _finish_record(rec, result)
+    if committed:
+        if not await end_stream(committed[0]):
+            rec.outcome, rec.error = Outcome.CLIENT_CANCELLED, "client disconnected at the end of the stream"
+        return committed[0]
+    close()
+    return _respond(rec, result, state)
+
+
+def _outbound(request: web.Request, chat: ChatRequest) -> Outbound:
+    strip = ask_for_usage(chat)
+    return Outbound(
+        payload=chat.payload,
+        headers=forwardable_headers(request.headers),
+        stream=chat.stream,
+        strip_usage=strip,
+        request_bytes=chat.size,
+        exact_numbers=chat.exact_numbers,
+    )
+
+
+def _finish_record(rec: CallRecord, result: ChainResult) -> None:
+    last = result.attempts[-1] if result.attempts else None
+    if result.error is not None:
+        rec.status, rec.outcome, rec.error = result.error.status, Outcome.ERROR, result.error.message
+        return
+    if last is None or result.tier is None:
+        return
+    rec.tier, rec.model, rec.usage = result.tier.id, last.model, last.usage
+    rec.ttft_ms = last.ttft_ms
+    if result.refused:
+        rec.status, rec.outcome, rec.error = last.http_status or 502, Outcome.ERROR, last.error
+    elif last.outcome is AttemptOutcome.OK:
+        rec.status, rec.outcome = 200, Outcome.OK
+    else:  # a committed stream that broke after its status line went out
+        rec.status, rec.outcome, rec.error = 200, Outcome.ERROR, last.error
+
+
+def _respond(rec: CallRecord, result: ChainResult, state: ProxyState) -> web.StreamResponse:
+    if result.error is not None:
+        return error_response(result.error, _headers(rec, state))
+    reply = result.reply
+    assert reply is not None and reply.body is not None
+    headers = _headers(rec, state)
+    headers["Content-Type"] = reply.content_type or "application/json"
+    return web.Response(status=rec.status, body=reply.body, headers=headers)
+
+
+def _headers(rec: CallRecord, state: ProxyState, arec: AttemptRecord | None = None) -> dict[str, str]:
+    headers = {
+        "X-Request-Id": rec.request_id,
+        "X-Proxy-Route": rec.route.value,
+        "X-Proxy-Attempts": str(arec.n if arec is not None else len(rec.attempts)),
+    }
+    tier = arec.tier if arec is not None else rec.tier
+    model = arec.model if arec is not None else rec.model
+    if tier is not None:
+        headers["X-Proxy-Tier"] = tier
+    if model is not None:
+        headers["X-Proxy-Model"] = model
+    remaining = state.budget.remaining(time.time())
+    if remaining is not None:
+        headers["X-Proxy-Budget-Remaining"] = f"{remaining:.6f}"
+    return headers

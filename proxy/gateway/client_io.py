@@ -1,0 +1,163 @@
+"""The client side of a request: the one place where errors of our client's connection become ours.
+
+- reading the body: too large, an unreadable encoding, too slow -> 413 / 400 / 408
+- writing to the client: it went away -> `ClientGone`, or a cancellation of the request (a
+  client that leaves is not a failure of the tier that was answering it)
+- what aiohttp raises or refuses around the handlers: its HTTP errors (404 / 405 / 413), an
+  `Expect` other than 100-continue, a request its parser cannot read -> our errors, in
+  OpenAI's format like every other error
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import HttpVersion11, web
+from aiohttp.web_protocol import RequestPayloadError
+
+from proxy.config import ServerSpec
+from proxy.errors import (
+    BadRequest,
+    ExpectationFailed,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    error_response,
+)
+
+log = logging.getLogger("proxy")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ClientGone(Exception):
+    """Writing to our client failed: it went away mid-stream."""
+
+
+async def read_body(request: web.Request, server: ServerSpec) -> bytes:
+    try:
+        async with asyncio.timeout(server.body_read_timeout_seconds):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(
+            f"The request body is larger than {server.max_body_bytes} bytes (server.max_body_bytes).",
+            code="request_too_large",
+        ) from None
+    except RequestPayloadError as e:
+        raise BadRequest(
+            f"The request body cannot be read: {e}. Check its Content-Encoding.", code="invalid_body"
+        ) from None
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {server.body_read_timeout_seconds:g} s.",
+            code="body_timeout",
+        ) from None
+
+
+async def start_stream(resp: web.StreamResponse, request: web.Request) -> None:
+    """Send the status line and headers; a client already gone cancels the request."""
+    try:
+        await resp.prepare(request)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise asyncio.CancelledError from None
+
+
+async def write(client: web.StreamResponse, data: bytes) -> None:
+    """Raises ClientGone when the client has left."""
+    if not data:
+        return
+    try:
+        await client.write(data)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError) as e:
+        raise ClientGone from e
+
+
+async def end_stream(resp: web.StreamResponse) -> bool:
+    """Finish a stream; False when the client left right after the last event (it got the
+    answer, but not cleanly)."""
+    try:
+        await resp.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        return False
+    return True
+
+
+@web.middleware
+async def openai_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves in OpenAI's format, including aiohttp's own 404/405/413."""
+    try:
+        return await handler(request)
+    except ProxyError as e:
+        return error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(_as_proxy_error(request, e))
+
+
+def _as_proxy_error(request: web.Request, e: web.HTTPException) -> ProxyError:
+    if e.status == 404:
+        return NotFound(f"Unknown endpoint {request.method} {request.path}.", code="unknown_url")
+    if e.status == 405:
+        allowed = ", ".join(sorted(getattr(e, "allowed_methods", ()) or ()))
+        return MethodNotAllowed(
+            f"Method {request.method} is not allowed on {request.path}; use {allowed or 'another method'}.",
+            code="method_not_allowed",
+            headers={"Allow": allowed} if allowed else None,
+        )
+    if e.status == 413:
+        return PayloadTooLarge(f"The request body is too large ({e.reason}).", code="request_too_large")
+    err = ProxyError(e.reason or "HTTP error", code=None)
+    err.status = e.status
+    return err
+
+
+async def expect(request: web.Request) -> web.Response | None:
+    """`Expect: 100-continue` is answered as aiohttp does; any other expectation gets a 417 in
+    OpenAI's format (aiohttp's own answer is text/plain and skips the middlewares)."""
+    value = request.headers.get("Expect", "")
+    if request.version != HttpVersion11:
+        return None
+    if value.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim response is not the start of the real one
+        return None
+    return error_response(
+        ExpectationFailed(
+            f"Unsupported Expect header {value!r}: only 100-continue is supported; remove the header.",
+            code="expectation_failed",
+        )
+    )
+
+
+def protocol_error(
+    request: web.BaseRequest, status: int, exc: BaseException | None, message: str | None
+) -> web.Response:
+    """The answer to what escaped every handler and middleware: a request aiohttp's parser
+    could not read (4xx), or an exception nothing caught (500)."""
+    err: ProxyError
+    if status >= 500:
+        # The message of an escaped exception may hold request data: it goes to the log, not the client.
+        log.error("error handling %s %s (answered %d)", request.method, request.path, status, exc_info=exc)
+        err = ProxyError(
+            "The proxy failed to handle this request; the error is in its log. Retry the request.",
+            code="internal_error",
+        )
+    else:
+        # The parser's message names what was wrong (it may quote the offending bytes, which
+        # are the client's own); the log gets only its kind, never request data.
+        log.info("refused a malformed HTTP request from %s: %s", request.remote, type(exc).__name__)
+        reason = " ".join((message or "unreadable").split())  # the parser's message spans lines
+        err = BadRequest(
+            f"The request is not valid HTTP/1.1 ({reason}). Send a well-formed request, as the OpenAI SDK does.",
+            code="malformed_http",
+        )
+    err.status = status
+    resp = error_response(err)
+    resp.force_close()
+    return resp

@@ -1,0 +1,168 @@
+"""The attempt loop: walk the plan's chain with retries, backoff, Retry-After, breakers, deadline.
+
+It does no I/O itself: `send` performs one attempt (upstream.attempt in production, anything
+in tests), so every rule here can be exercised without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from proxy.config import RetrySpec, Tier
+from proxy.errors import ChainFailed, Unavailable
+from proxy.gateway.breaker import BreakerBoard
+from proxy.gateway.routing import Plan
+from proxy.gateway.upstream import Reply
+from proxy.records import AttemptOutcome, AttemptRecord
+
+log = logging.getLogger("proxy.failover")
+
+SendAttempt = Callable[[Tier, AttemptRecord, float], Awaitable[Reply]]
+
+
+class _Verdict(enum.Enum):
+    OK = "ok"
+    RETRY = "retry"  # may be retried on the same tier
+    NEXT = "next"  # go straight to the next tier (timeouts, bad keys)
+    REFUSED = "refused"  # the tier rejected the request itself (400/404/413/422...)
+
+
+@dataclass(slots=True)
+class ChainResult:
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    tier: Tier | None = None  # the tier whose reply is returned
+    reply: Reply | None = None  # success, a committed stream, or an upstream refusal passed on
+    refused: bool = False  # reply is an upstream 4xx passed through as is
+    error: ChainFailed | Unavailable | None = None
+
+
+@dataclass(slots=True)
+class Failover:
+    retries: RetrySpec
+    breakers: BreakerBoard
+    rng: random.Random
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    async def run(self, plan: Plan, send: SendAttempt, attempts: list[AttemptRecord] | None = None) -> ChainResult:
+        """Walk the chain. `attempts` (the caller's list) sees every attempt as it starts, so a
+        caller cancelled midway still knows what was tried."""
+        result = ChainResult(attempts=attempts if attempts is not None else [])
+        deadline = self.clock() + self.retries.request_deadline_seconds
+        refusal: tuple[Tier, Reply] | None = None
+        for tier in plan.chain:
+            breaker = self.breakers.get(tier.id)
+            tries = 0
+            while True:
+                remaining = deadline - self.clock()
+                if remaining <= 0:
+                    result.error = self._failed(result.attempts, deadline_hit=True)
+                    return result
+                if tries and len(result.attempts) >= self.retries.max_total_retries:
+                    break
+                if not plan.forced and not breaker.acquire(self.clock()):
+                    break
+                rec = AttemptRecord(n=len(result.attempts) + 1, tier=tier.id, model=tier.model, started_at=time.time())
+                result.attempts.append(rec)
+                tries += 1
+                try:
+                    reply = await send(tier, rec, min(tier.timeout, remaining))
+                except BaseException:
+                    # An attempt that never finished (client gone, a bug) must not keep the
+                    # breaker's half-open probe slot forever.
+                    breaker.on_neutral()
+                    raise
+                verdict = _verdict(rec)
+                self._update_breaker(tier, rec, verdict)
+                if verdict is _Verdict.OK or reply.committed:
+                    result.tier, result.reply = tier, reply
+                    return result
+                if verdict is _Verdict.REFUSED:
+                    refusal = (tier, reply)
+                if verdict is not _Verdict.RETRY or tries >= self.retries.max_fallback_retries:
+                    break
+                if len(result.attempts) >= self.retries.max_total_retries:
+                    break
+                delay = self._delay(tries, reply.retry_after, deadline)
+                if delay is None:
+                    break
+                await self.sleep(delay)
+        if refusal is not None and all(_verdict(a) is _Verdict.REFUSED for a in result.attempts):
+            result.tier, result.reply, result.refused = refusal[0], refusal[1], True
+            return result
+        result.error = self._failed(result.attempts, deadline_hit=False)
+        return result
+
+    def _delay(self, tries: int, retry_after: float | None, deadline: float) -> float | None:
+        """Backoff before retrying the same tier; None means fail over now instead."""
+        base: float = min(self.retries.backoff_initial_seconds * 2 ** (tries - 1), self.retries.backoff_max_seconds)
+        delay = base * (0.5 + self.rng.random() / 2)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        if delay >= deadline - self.clock():
+            return None
+        return delay
+
+    def _update_breaker(self, tier: Tier, rec: AttemptRecord, verdict: _Verdict) -> None:
+        breaker = self.breakers.get(tier.id)
+        if verdict is _Verdict.OK:
+            breaker.on_success()
+        elif verdict is _Verdict.REFUSED:
+            breaker.on_neutral()
+        else:
+            breaker.on_failure(self.clock())
+        if rec.http_status in (401, 403):
+            log.error(
+                "tier %s rejected the proxy's API key (HTTP %s): check %s; not retrying this tier",
+                tier.id,
+                rec.http_status,
+                tier.api_key_env or "its api_key_env setting",
+            )
+
+    def _failed(self, attempts: list[AttemptRecord], *, deadline_hit: bool) -> ChainFailed | Unavailable:
+        if not attempts:
+            return Unavailable(
+                "No tier could be tried: every tier's circuit breaker is open after repeated failures. Retry shortly.",
+                code="all_tiers_open",
+                headers={"Retry-After": "1"},
+            )
+        steps = "; ".join(f"{a.tier} #{a.n}: {a.outcome.value} ({a.error})" for a in attempts)
+        if deadline_hit:
+            secs = self.retries.request_deadline_seconds
+            return ChainFailed(
+                f"Request deadline of {secs:g}s exceeded after {len(attempts)} attempt(s): {steps}",
+                status=504,
+                code="deadline_exceeded",
+            )
+        if all(a.outcome is AttemptOutcome.TIMEOUT for a in attempts):
+            return ChainFailed(f"Every tier timed out: {steps}", status=504, code="upstream_timeout")
+        if all(a.http_status == 429 for a in attempts):
+            return ChainFailed(
+                f"Every tier is rate limiting this proxy: {steps}",
+                status=429,
+                code="upstream_rate_limited",
+                headers={"Retry-After": "1"},
+            )
+        return ChainFailed(f"Every tier failed: {steps}", status=502, code="upstream_failed")
+
+
+def _verdict(rec: AttemptRecord) -> _Verdict:
+    outcome = rec.outcome
+    if outcome is AttemptOutcome.OK:
+        return _Verdict.OK
+    if outcome is AttemptOutcome.TIMEOUT:
+        return _Verdict.NEXT
+    if outcome is not AttemptOutcome.HTTP_ERROR:
+        return _Verdict.RETRY
+    status = rec.http_status or 0
+    if status in (401, 403):
+        return _Verdict.NEXT
+    if status in (408, 429) or status >= 500:
+        return _Verdict.RETRY
+    return _Verdict.REFUSED

@@ -1,0 +1,290 @@
+"""ONE attempt against ONE tier, and the single place where aiohttp's errors become ours.
+
+The attempt fills in its `AttemptRecord` (status, outcome, error, timings, usage) and returns a
+`Reply` saying what the failover loop needs: the body to pass on, Retry-After, and whether a
+stream was already committed to the client (after which nothing can be retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from proxy.config import Tier
+from proxy.gateway.relay import relay_stream
+from proxy.gateway.sse import StreamWatch
+from proxy.gateway.usage import estimate_tokens, estimate_usage, parse_usage
+from proxy.records import AttemptOutcome, AttemptRecord, UsageSource
+
+# Sent upstream as the proxy's own; the client's values for these never cross.
+_DROP_REQUEST_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Host",
+        "Content-Length",
+        "Authorization",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authorization",
+        "Proxy-Authenticate",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Accept-Encoding",
+        "Content-Encoding",
+        "Cookie",
+        "Expect",
+        "X-Replan",
+        "X-Complexity",
+        "X-Tier",
+        "X-Fallback",
+        "X-Request-Id",
+        "Api-Key",
+        "X-Api-Key",
+    )
+)
+
+
+@dataclass(slots=True)
+class Outbound:
+    """The client's request, parsed once; each tier gets it with its own model and key."""
+
+    payload: dict[str, Any]
+    headers: dict[str, str]
+    stream: bool
+    strip_usage: bool  # usage was requested by the proxy, not the client
+    request_bytes: int
+    exact_numbers: bool = False  # serialise with the stdlib (integers beyond 64 bits)
+    _bodies: dict[str, bytes] = field(default_factory=dict)
+
+    def body_for(self, tier: Tier) -> bytes:
+        """The body for `tier` (cached). Raises TypeError for what cannot be serialised, such as
+        nesting deeper than orjson writes: callers serialise once before the first attempt."""
+        body = self._bodies.get(tier.id)
+        if body is None:
+            self.payload["model"] = tier.model
+            if self.exact_numbers:
+                body = json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False).encode()
+            else:
+                body = orjson.dumps(self.payload)
+            self._bodies[tier.id] = body
+        return body
+
+    def headers_for(self, tier: Tier) -> dict[str, str]:
+        headers = dict(self.headers)
+        headers["Content-Type"] = "application/json"
+        if tier.api_key:
+            headers["Authorization"] = f"Bearer {tier.api_key}"
+        return headers
+
+
+def forwardable_headers(headers: Any) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+
+
+@dataclass(slots=True)
+class Reply:
+    body: bytes | None = None
+    content_type: str | None = None
+    retry_after: float | None = None
+    committed: bool = False
+
+
+# Starts the client's stream (status line and headers) once the first event is in hand.
+Committer = Callable[[Tier, AttemptRecord], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one tier's attempts go; built once per tier, not per request."""
+
+    session: aiohttp.ClientSession
+    tier: Tier
+    max_response_bytes: int
+    gate: asyncio.Semaphore  # the tier's max concurrent connections; waiting counts against the timeout
+    # The attempt's own asyncio.timeout bounds the whole wait; only connecting is bounded here.
+    client_timeout: aiohttp.ClientTimeout
+
+    @classmethod
+    def build(
+        cls, session: aiohttp.ClientSession, tier: Tier, max_response_bytes: int, old: Target | None = None
+    ) -> Target:
+        """With `old` (the same tier before a reload), its gate carries over while the cap is
+        unchanged, so the calls still running keep counting against the new target's cap."""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=tier.connect_timeout)
+        if old is not None and old.tier.max_connections == tier.max_connections:
+            gate = old.gate
+        else:
+            gate = asyncio.Semaphore(tier.max_connections)
+        return cls(session, tier, max_response_bytes, gate, timeout)
+
+    def post(self, out: Outbound) -> aiohttp.client._RequestContextManager:
+        tier = self.tier
+        return self.session.post(
+            tier.chat_url, data=out.body_for(tier), headers=out.headers_for(tier), timeout=self.client_timeout
+        )
+
+
+async def attempt(target: Target, out: Outbound, rec: AttemptRecord, timeout: float, commit: Committer | None) -> Reply:
+    """Send once. Never raises except CancelledError (the client left)."""
+    t0 = time.monotonic()
+    try:
+        if out.stream and commit is not None:
+            return await _stream(target, out, rec, timeout, commit, t0)
+        return await _unary(target, out, rec, timeout)
+    except TimeoutError:
+        rec.fail(AttemptOutcome.TIMEOUT, f"no answer within {timeout:.3g}s")
+    except aiohttp.ClientConnectorError as e:
+        rec.fail(AttemptOutcome.CONNECT_ERROR, f"cannot connect: {e.os_error.strerror or e.os_error}")
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as e:
+        rec.fail(AttemptOutcome.CONNECT_ERROR, f"connection lost: {type(e).__name__}: {e}")
+    except aiohttp.ClientError as e:
+        rec.fail(AttemptOutcome.CONNECT_ERROR, f"{type(e).__name__}: {e}")
+    except asyncio.CancelledError:
+        rec.outcome = AttemptOutcome.CANCELLED
+        rec.error = "client disconnected"
+        raise
+    finally:
+        rec.duration_ms = (time.monotonic() - t0) * 1000.0
+    return Reply()
+
+
+async def _unary(target: Target, out: Outbound, rec: AttemptRecord, timeout: float) -> Reply:
+    async with asyncio.timeout(timeout), target.gate, target.post(out) as resp:
+        rec.http_status = resp.status
+        body = await _read_limited(resp, target.max_response_bytes)
+        content_type = resp.headers.get("Content-Type", "application/json")
+        if resp.status >= 300:
+            return _http_error(rec, resp, body)
+    return _check_completion(rec, body, content_type, out)
+
+
+def _check_completion(rec: AttemptRecord, body: bytes | None, content_type: str, out: Outbound) -> Reply:
+    if body is None:
+        rec.fail(AttemptOutcome.BAD_RESPONSE, "response body too large")
+        return Reply()
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        rec.fail(AttemptOutcome.BAD_RESPONSE, "response is not JSON")
+        return Reply()
+    if not isinstance(doc, dict) or not isinstance(doc.get("choices"), list):
+        rec.fail(AttemptOutcome.BAD_RESPONSE, "response is not a chat completion (no choices)")
+        return Reply()
+    rec.outcome = AttemptOutcome.OK
+    model = doc.get("model")
+    if isinstance(model, str):
+        rec.model = model
+    rec.usage = parse_usage(doc.get("usage"), UsageSource.UPSTREAM) or estimate_usage(
+        out.request_bytes, estimate_tokens(len(body))
+    )
+    return Reply(body=body, content_type=content_type)
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    if resp.content_length is not None:
+        return await resp.read() if resp.content_length <= limit else None
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _http_error(rec: AttemptRecord, resp: aiohttp.ClientResponse, body: bytes | None) -> Reply:
+    rec.outcome = AttemptOutcome.HTTP_ERROR
+    rec.error = f"HTTP {resp.status}{_upstream_message(body)}"
+    return Reply(
+        body=body,
+        content_type=resp.headers.get("Content-Type", "application/json"),
+        retry_after=retry_after_seconds(resp.headers),
+    )
+
+
+def _upstream_message(body: bytes | None) -> str:
+    if not body:
+        return ""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return ""
+    err = doc.get("error") if isinstance(doc, dict) else None
+    msg = err.get("message") if isinstance(err, dict) else err
+    return f": {msg[:200]}" if isinstance(msg, str) else ""
+
+
+def retry_after_seconds(headers: Any) -> float | None:
+    """Retry-After as seconds or an HTTP date, or retry-after-ms; None when absent or unreadable."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(float(ms) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    raw = headers.get("Retry-After")
+    if raw is None:
+        return None
+    try:
+        return max(float(raw), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+async def _stream(
+    target: Target, out: Outbound, rec: AttemptRecord, timeout: float, commit: Committer, t0: float
+) -> Reply:
+    tier = target.tier
+    watch = StreamWatch(strip_usage=out.strip_usage, max_event_bytes=target.max_response_bytes)
+    async with asyncio.timeout(timeout) as deadline, target.gate, target.post(out) as resp:
+        rec.http_status = resp.status
+        if resp.status >= 300:
+            return _http_error(rec, resp, await _read_limited(resp, target.max_response_bytes))
+        content_type = resp.headers.get("Content-Type", "")
+        if not content_type.startswith("text/event-stream"):
+            rec.fail(AttemptOutcome.BAD_RESPONSE, f"expected an event stream, got {content_type or 'none'}")
+            return Reply()
+        pending = b""
+        async for chunk in resp.content.iter_any():
+            pending += watch.feed(chunk)
+            if watch.data_events or watch.overflow:
+                break
+        if watch.overflow:
+            rec.fail(AttemptOutcome.BAD_RESPONSE, f"stream event too large (over {target.max_response_bytes} bytes)")
+            return Reply()
+        if not watch.data_events:
+            rec.fail(AttemptOutcome.BAD_RESPONSE, "stream ended before its first event")
+            return Reply()
+        if watch.error or not watch.first_is_completion_chunk:
+            rec.fail(AttemptOutcome.BAD_RESPONSE, watch.error or "first stream event is not a completion chunk")
+            return Reply()
+        rec.ttft_ms = (time.monotonic() - t0) * 1000.0
+        if watch.model:
+            rec.model = watch.model
+        deadline.reschedule(None)
+        client = await commit(tier, rec)
+        try:
+            await relay_stream(resp, client, watch, pending, rec, tier.stream_idle_timeout)
+        finally:
+            # Some servers send no usage in streams, and a cut stream still cost something:
+            # count the events rather than charge nothing.
+            rec.usage = watch.usage or estimate_usage(out.request_bytes, max(watch.data_events - 2 - watch.done, 0))
+    return Reply(committed=True)

@@ -1,0 +1,217 @@
+"""Spend limits for paid tiers: per UTC day, ISO week (from Monday) and calendar month.
+
+Spend is counted from the ledger at start, so a restart does not reset a budget, and then
+kept current in memory from every priced record, before the ledger writer has flushed it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Protocol
+
+from proxy.config import BudgetSpec
+
+log = logging.getLogger("proxy.budget")
+
+ZERO = Decimal(0)
+WINDOWS = ("daily", "weekly", "monthly")
+
+
+class SpendSource(Protocol):
+    async def spend_since(self, day: str) -> Decimal: ...
+
+
+def window_start(window: str, at: float) -> date:
+    """First UTC day of the window that contains `at`."""
+    day = datetime.fromtimestamp(at, UTC).date()
+    if window == "daily":
+        return day
+    if window == "weekly":
+        return day - timedelta(days=day.weekday())
+    if window == "monthly":
+        return day.replace(day=1)
+    raise ValueError(f"unknown budget window {window!r}; expected one of {', '.join(WINDOWS)}")
+
+
+def next_window_start(window: str, start: date) -> date:
+    if window == "daily":
+        return start + timedelta(days=1)
+    if window == "weekly":
+        return start + timedelta(days=7)
+    year, month = divmod(start.month, 12)
+    return start.replace(year=start.year + year, month=month + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class WindowState:
+    window: str  # daily, weekly, monthly
+    start: str  # first day of the current window, YYYY-MM-DD (UTC)
+    limit: Decimal
+    spent: Decimal
+    remaining: Decimal  # never negative
+    exhausted: bool
+    soft_limit_reached: bool
+    resets_at: str  # first day of the next window, YYYY-MM-DD (00:00 UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    windows: tuple[WindowState, ...]  # only the configured ones
+    paid_allowed: bool
+    remaining: Decimal | None  # smallest remaining; None when no budget is configured
+
+
+class _BudgetWindow:
+    """Spend within the current period of one window; rolls over when time moves past it."""
+
+    __slots__ = ("exhausted_logged", "limit", "name", "soft", "spent", "start", "warned")
+
+    def __init__(self, name: str, limit: Decimal, soft_ratio: float) -> None:
+        self.name = name
+        self.limit = limit
+        self.soft = limit * Decimal(str(soft_ratio))
+        self.start: date | None = None
+        self.spent = ZERO
+        self.warned = False
+        self.exhausted_logged = False
+
+    def current(self, at: float) -> date:
+        start = window_start(self.name, at)
+        if self.start is None or start > self.start:
+            self.start, self.spent = start, ZERO
+            self.warned = self.exhausted_logged = False
+        return self.start
+
+    def add(self, cost: Decimal, at: float) -> None:
+        start = window_start(self.name, at)
+        # A record from a window that has already closed (a request that started before
+        # midnight and finished after) belongs to that window, as in the ledger.
+        if self.start is not None and start < self.start:
+            return
+        self.current(at)
+        self.spent += cost
+        self.check()
+
+    def check(self) -> None:
+        if not self.warned and self.spent >= self.soft:
+            self.warned = True
+            log.warning(
+                "budget: %s spend $%s has reached %s of the $%s limit",
+                self.name,
+                self.spent,
+                f"{self.soft / self.limit:.0%}" if self.limit else "100%",
+                self.limit,
+            )
+        if not self.exhausted_logged and self.spent >= self.limit:
+            self.exhausted_logged = True
+            log.warning(
+                "budget: %s limit of $%s is exhausted ($%s spent); paid tiers are off until %s",
+                self.name,
+                self.limit,
+                self.spent,
+                self._next_start(),
+            )
+
+    def _next_start(self) -> str:
+        assert self.start is not None
+        return next_window_start(self.name, self.start).isoformat()
+
+    def state(self, now: float) -> WindowState:
+        start = self.current(now)
+        remaining = max(self.limit - self.spent, ZERO)
+        return WindowState(
+            window=self.name,
+            start=start.isoformat(),
+            limit=self.limit,
+            spent=self.spent,
+            remaining=remaining,
+            exhausted=self.spent >= self.limit,
+            soft_limit_reached=self.spent >= self.soft,
+            resets_at=next_window_start(self.name, start).isoformat(),
+        )
+
+
+def _midnight(day: str) -> float:
+    return datetime.fromisoformat(day).replace(tzinfo=UTC).timestamp()
+
+
+class BudgetTracker:
+    """Budgets from `config.budgets`; with none configured every query says "allowed".
+
+    `load` it from the ledger once it has started, before any request is served, and
+    `record` every request that cost money (the ledger's cost listener does, at submit time).
+    """
+
+    def __init__(self, spec: BudgetSpec) -> None:
+        limits = {"daily": spec.daily_usd, "weekly": spec.weekly_usd, "monthly": spec.monthly_usd}
+        self._windows = tuple(
+            _BudgetWindow(name, limit, spec.soft_ratio) for name, limit in limits.items() if limit is not None
+        )
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._windows)
+
+    async def load(self, source: SpendSource, now: float | None = None) -> None:
+        """Add the spend already in the ledger for each current window.
+
+        Must run before the ledger writes any row recorded here, or that row counts twice:
+        the app calls it after `Ledger.start` and before it serves.
+        """
+        at = datetime.now(UTC).timestamp() if now is None else now
+        for w in self._windows:
+            start = w.current(at)
+            w.spent += await source.spend_since(start.isoformat())
+            w.check()
+
+    def record(self, cost: Decimal, at: float) -> None:
+        for w in self._windows:
+            w.add(cost, at)
+
+    def paid_allowed(self, now: float) -> bool:
+        return all(w.state(now).remaining > ZERO for w in self._windows)
+
+    def remaining(self, now: float) -> Decimal | None:
+        if not self._windows:
+            return None
+        return min(w.state(now).remaining for w in self._windows)
+
+    def reopens_in(self, now: float) -> float | None:
+        """Seconds until every exhausted window has reset (for Retry-After); None when allowed."""
+        if not self._windows:
+            return None
+        ends = [_midnight(s.resets_at) for s in self.state(now).windows if s.exhausted]
+        return max(ends) - now if ends else None
+
+    def state(self, now: float) -> BudgetState:
+        windows = tuple(w.state(now) for w in self._windows)
+        return BudgetState(
+            windows=windows,
+            paid_allowed=all(not s.exhausted for s in windows),
+            remaining=min((s.remaining for s in windows), default=None),
+        )
+
+
+def budget_json(state: BudgetState) -> dict[str, object]:
+    """The budget state as /proxy/report shows it; money as numbers rounded to micro-dollars."""
+    return {
+        "configured": bool(state.windows),
+        "paid_allowed": state.paid_allowed,
+        "remaining_usd": None if state.remaining is None else float(round(state.remaining, 6)),
+        "windows": [
+            {
+                "window": w.window,
+                "start": w.start,
+                "resets_at": w.resets_at,
+                "limit_usd": float(w.limit),
+                "spent_usd": float(round(w.spent, 6)),
+                "remaining_usd": float(round(w.remaining, 6)),
+                "exhausted": w.exhausted,
+                "soft_limit_reached": w.soft_limit_reached,
+            }
+            for w in state.windows
+        ],
+    }

@@ -1,0 +1,109 @@
+"""`proxy report`: the cost report as a table or JSON, with the exit code the command returns."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from pathlib import Path
+
+import orjson
+
+from proxy.ledger.pricing import round_micro
+from proxy.ledger.report import Report, parse_since
+from proxy.ledger.report_read import build_report
+
+
+def _usd(d: Decimal) -> str:
+    return f"${round_micro(d):f}"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+_COLUMNS = (
+    "tier",
+    "paid",
+    "calls",
+    "fallback",
+    "attempts",
+    "failed",
+    "p50 ms",
+    "p95 ms",
+    "ttft p50",
+    "ttft p95",
+    "prompt tok",
+    "compl tok",
+    "cost",
+)
+
+
+def _table(rows: Iterable[Sequence[str]]) -> list[str]:
+    rows = [_COLUMNS, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    return [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+
+
+def render_table(report: Report) -> str:
+    window = "all time" if report.window_start is None else f"since {report.window_start}"
+    free = "-" if report.free_call_pct is None else f"{report.free_call_pct:.1f}%"
+    lines = [
+        f"Cost report, {report.since} ({window})",
+        f"Requests: {report.requests}  answered: {report.answered}  errors: {report.errors}  "
+        f"client cancelled: {report.client_cancelled}",
+        f"Paid cost: {_usd(report.cost_usd)}  Estimated savings: {_usd(report.savings_usd)}  Free calls: {free}",
+        "",
+    ]
+    if not report.tiers:
+        return "\n".join([*lines, "No requests in this window."])
+    rows = [
+        (
+            t.tier,
+            "yes" if t.paid else "no",
+            str(t.calls),
+            _pct(t.fallback_rate),
+            str(t.attempts),
+            str(t.failures),
+            _ms(t.latency_p50_ms),
+            _ms(t.latency_p95_ms),
+            _ms(t.ttft_p50_ms),
+            _ms(t.ttft_p95_ms),
+            str(t.prompt_tokens),
+            str(t.completion_tokens),
+            _usd(t.cost_usd),
+        )
+        for t in report.tiers
+    ]
+    return "\n".join([*lines, *_table(rows)])
+
+
+async def report_text(db: str | Path, since: str, as_json: bool, *, now: float | None = None) -> tuple[int, str]:
+    """`report_main` for callers already inside an event loop."""
+    try:
+        parse_since(since, time.time())
+    except ValueError as e:
+        return 2, str(e)
+    try:
+        report = await build_report(db, since, now=now)
+    except FileNotFoundError as e:
+        return 1, str(e)
+    except (sqlite3.Error, OSError) as e:
+        return 1, f"cannot read ledger {db}: {e}"
+    if as_json:
+        return 0, orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode()
+    return 0, render_table(report)
+
+
+def report_main(db: str, since: str, as_json: bool) -> tuple[int, str]:
+    """`proxy report`: (exit code, text). 2 for a bad --since, 1 when the file cannot be read."""
+    return asyncio.run(report_text(db, since, as_json))

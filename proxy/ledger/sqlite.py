@@ -1,0 +1,182 @@
+"""The SQLite engine: one file, WAL, one transaction per batch; its errors become StoreError."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import uuid
+from collections.abc import Sequence
+from decimal import Decimal
+from pathlib import Path
+
+import aiosqlite
+
+from proxy.ledger.migrations import migrate
+from proxy.ledger.pricing import ZERO, from_nano
+from proxy.ledger.rollups import insert_rollups, rollback
+from proxy.ledger.rows import INSERT_ATTEMPT, INSERT_REQUEST, LedgerEntry, placeholders
+from proxy.ledger.store import RowsRejected, StoreError
+
+log = logging.getLogger("proxy.ledger")
+
+SPILL_SUFFIX = ".spill.jsonl"
+_IN_CHUNK = 500  # ids per `IN (...)` lookup, far below SQLite's variable limit
+
+
+def spill_path(db_path: str | Path) -> Path:
+    return Path(f"{db_path}{SPILL_SUFFIX}")
+
+
+async def open_db(path: str | Path, *, busy_timeout_ms: int = 2000) -> aiosqlite.Connection:
+    """Open (creating it if needed) and migrate a ledger file; autocommit, WAL, synchronous=NORMAL."""
+    conn = await aiosqlite.connect(str(path), isolation_level=None)
+    try:
+        await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute("PRAGMA synchronous = NORMAL")
+        await migrate(conn)
+    except sqlite3.Error:
+        await conn.close()
+        raise
+    return conn
+
+
+class SqliteStore:
+    """A ledger file. The connection is reopened when the file is deleted or replaced under
+    it: writes to an unlinked file would succeed and vanish."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 2000) -> None:
+        self.path = Path(path)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._conn: aiosqlite.Connection | None = None
+        self._file_id: tuple[int, int] | None = None
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    @property
+    def spill_path(self) -> Path:
+        return spill_path(self.path)
+
+    async def open(self) -> None:
+        try:
+            await self._connection()
+        except StoreError:
+            await self.close()
+            raise
+
+    async def write(self, entries: Sequence[LedgerEntry], *, keep_duplicates: bool = True) -> int:
+        try:
+            return await write_entries(await self._connection(), entries, keep_duplicates=keep_duplicates)
+        except sqlite3.IntegrityError as e:
+            raise RowsRejected(str(e)) from e
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(str(e)) from e
+
+    async def spend_since(self, day: str) -> Decimal:
+        rows = await self._read("SELECT coalesce(sum(cost_nano_usd), 0) FROM daily_usage WHERE day >= ?", (day,))
+        return from_nano(int(rows[0][0])) if rows else ZERO
+
+    async def client_spend_since(self, day: str) -> dict[str, Decimal]:
+        rows = await self._read(
+            "SELECT client, sum(cost_nano_usd) FROM requests"
+            " WHERE started_at >= ? AND client IS NOT NULL GROUP BY client",
+            (day,),
+        )
+        return {str(client): from_nano(int(nano or 0)) for client, nano in rows}
+
+    async def close(self) -> None:
+        conn, self._conn, self._file_id = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.close()
+
+    async def _read(self, sql: str, params: tuple[str, ...]) -> list[sqlite3.Row]:
+        if self._conn is None:
+            raise StoreError(f"ledger database {self.path} is not open")
+        try:
+            return list(await self._conn.execute_fetchall(sql, params))
+        except sqlite3.Error as e:
+            raise StoreError(str(e)) from e
+
+    async def _connection(self) -> aiosqlite.Connection:
+        try:
+            st = os.stat(self.path)
+            current: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:  # gone, or a path that cannot exist: opening it says which
+            current = None
+        if self._conn is not None and current != self._file_id:
+            log.warning("ledger: %s was moved or deleted; reopening it", self.path)
+            await self.close()
+        if self._conn is None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = await open_db(self.path, busy_timeout_ms=self._busy_timeout_ms)
+                st = os.stat(self.path)
+            except (sqlite3.Error, OSError) as e:
+                await self.close()
+                raise StoreError(str(e)) from e
+            self._file_id = (st.st_dev, st.st_ino)
+        return self._conn
+
+
+async def _existing_ids(conn: aiosqlite.Connection, ids: Sequence[str]) -> set[str]:
+    found: set[str] = set()
+    for i in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[i : i + _IN_CHUNK]
+        rows = await conn.execute_fetchall(f"SELECT id FROM requests WHERE id IN ({placeholders(chunk)})", chunk)
+        found.update(str(r[0]) for r in rows)
+    return found
+
+
+def _renamed(entry: LedgerEntry) -> LedgerEntry:
+    new_id = f"{entry.request.id}~{uuid.uuid4().hex[:12]}"
+    log.warning("ledger: request id %s was already recorded; storing this one as %s", entry.request.id, new_id)
+    return LedgerEntry(
+        entry.request._replace(id=new_id),
+        tuple(a._replace(request_id=new_id) for a in entry.attempts),
+    )
+
+
+async def _dedupe(
+    conn: aiosqlite.Connection, entries: Sequence[LedgerEntry], *, keep_duplicates: bool
+) -> list[LedgerEntry]:
+    """Live writes keep a reused request id under a new id (a client may reuse X-Request-Id);
+    imports drop it, because there a known id means the row was already imported."""
+    taken = await _existing_ids(conn, [e.request.id for e in entries])
+    out: list[LedgerEntry] = []
+    for e in entries:
+        if e.request.id in taken:
+            if not keep_duplicates:
+                continue
+            e = _renamed(e)
+        taken.add(e.request.id)
+        out.append(e)
+    return out
+
+
+async def write_entries(
+    conn: aiosqlite.Connection, entries: Sequence[LedgerEntry], *, keep_duplicates: bool = True
+) -> int:
+    """Insert entries and their rollups in ONE transaction; returns the requests inserted."""
+    await conn.execute("BEGIN IMMEDIATE")
+    try:
+        todo = await _dedupe(conn, entries, keep_duplicates=keep_duplicates)
+        if todo:
+            await _insert(conn, todo)
+        await conn.execute("COMMIT")
+    except sqlite3.Error:
+        await rollback(conn)
+        raise
+    return len(todo)
+
+
+async def _insert(conn: aiosqlite.Connection, entries: Sequence[LedgerEntry]) -> None:
+    await conn.executemany(INSERT_REQUEST, [e.request for e in entries])
+    attempt_rows = [a for e in entries for a in e.attempts]
+    if attempt_rows:
+        await conn.executemany(INSERT_ATTEMPT, attempt_rows)
+    await insert_rollups(conn, entries)

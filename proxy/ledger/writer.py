@@ -1,0 +1,274 @@
+"""The cost ledger: every client request and upstream attempt, written to a store in batches.
+
+`Ledger.submit` is called on the request path and only appends to an in-memory queue; one
+background task writes whatever has queued in a single transaction per batch, and the store
+keeps the daily rollup tables current in that same transaction. When the store keeps failing,
+rows go to a JSON-lines spill file next to it and are imported back on the next start.
+Schema and queries: docs/ledger.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from proxy.config import Config
+from proxy.ledger.pricing import from_nano
+from proxy.ledger.rows import LedgerEntry, Pricer
+from proxy.ledger.spill import append_spill, import_spill
+from proxy.ledger.sqlite import SqliteStore
+from proxy.ledger.store import RowsRejected, Store, StoreError
+from proxy.records import CallRecord
+
+log = logging.getLogger("proxy.ledger")
+
+DEFAULT_RETRY_DELAYS = (0.05, 0.25)
+# When neither the database nor the spill file can be written, rows wait in memory (up to this
+# many) and are retried every HOLD_RETRY_SECONDS: a full or read-only disk usually comes back.
+MAX_HELD_ROWS = 100_000
+LINGER_SECONDS = 0.05  # how long the writer waits for a batch to fill
+HOLD_RETRY_SECONDS = 1.0
+
+# Told the exact cost of every priced request as it is submitted (budgets, client caps, metrics).
+CostListener = Callable[[Decimal, CallRecord], None]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerStats:
+    written: int  # requests committed to the store
+    spilled: int  # requests appended to the spill file instead
+    imported: int  # requests imported from a spill file at start
+    queue_depth: int  # requests waiting for the writer
+    failed: int  # requests lost: neither written nor spilled (each one was logged)
+
+
+class Ledger:
+    """A RecordSink that writes to a store (the SQLite file at `path` by default) from one
+    background task.
+
+    Call `submit` from the event loop thread only (it wakes the writer with an asyncio.Event).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        path: str | Path | None = None,
+        *,
+        store: Store | None = None,
+        on_cost: CostListener | None = None,
+        retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        busy_timeout_ms: int = 2000,
+        hold_retry_seconds: float = HOLD_RETRY_SECONDS,
+        linger: float = LINGER_SECONDS,
+    ) -> None:
+        if store is None:
+            store = SqliteStore(path if path is not None else config.ledger.path, busy_timeout_ms=busy_timeout_ms)
+        self.store = store
+        self.spill_path = store.spill_path
+        self._pricer = Pricer(config)
+        self._batch_size = config.ledger.batch_size
+        self._on_cost = on_cost
+        self._retry_delays = tuple(retry_delays)
+        self._queue: deque[LedgerEntry] = deque()
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        self._written = self._spilled = self._imported = self._failed = 0
+        self._holding = False
+        self._hold_retry_seconds = hold_retry_seconds
+        self._linger = linger
+
+    # -- request path
+
+    def submit(self, record: CallRecord) -> None:
+        try:
+            entry = self._pricer.entry(record)
+        except (TypeError, ValueError, ArithmeticError, AttributeError) as e:
+            # A malformed record is a bug upstream; losing its row beats failing the request.
+            self._failed += 1
+            log.error("ledger: cannot record request %r: %s", getattr(record, "request_id", "?"), e)
+            return
+        if entry.request.cost_nano_usd and self._on_cost is not None:
+            self._on_cost(from_nano(entry.request.cost_nano_usd), record)
+        if self._closed:
+            self._spill_now([entry])
+            return
+        self._queue.append(entry)
+        self._drained.clear()
+        self._wakeup.set()
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Open and migrate the store, import any spill file, start the writer.
+
+        A store that cannot be opened is logged, not raised: the proxy serves anyway and
+        the writer keeps retrying, spilling meanwhile.
+        """
+        if self._task is not None:
+            return
+        try:
+            await self.store.open()
+        except StoreError as e:
+            log.error("ledger: cannot open %s: %s; requests will be spilled until it can be", self.store.location, e)
+        else:
+            await self._import_at_start()
+        self._task = asyncio.create_task(self._run(), name="ledger-writer")
+        self._task.add_done_callback(_log_crash)
+
+    async def _import_at_start(self) -> None:
+        try:
+            result = await import_spill(self.store, batch_size=self._batch_size)
+        except (StoreError, OSError) as e:
+            log.error("ledger: cannot import spill file %s yet: %s", self.spill_path, e)
+            return
+        self._imported += result.imported
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is written (or spilled)."""
+        if self._task is None or self._task.done():
+            return
+        await self._drained.wait()
+
+    async def close(self) -> None:
+        """Write everything still queued, stop the writer, close the store."""
+        self._closing = True
+        self._wakeup.set()
+        try:
+            if self._task is not None:
+                await self._task
+            # A record submitted between the writer's exit and here (or with no writer at all).
+            await self._drain()
+        finally:
+            self._closed = True
+            await self.store.close()
+
+    def reconfigure(self, config: Config) -> None:
+        """After a config reload: new prices for records submitted from now on."""
+        self._pricer = Pricer(config)
+
+    @property
+    def stats(self) -> LedgerStats:
+        return LedgerStats(self._written, self._spilled, self._imported, len(self._queue), self._failed)
+
+    async def spend_since(self, day: str) -> Decimal:
+        """Raises StoreError."""
+        return await self.store.spend_since(day)
+
+    async def client_spend_since(self, day: str) -> dict[str, Decimal]:
+        """Raises StoreError."""
+        return await self.store.client_spend_since(day)
+
+    # -- writer
+
+    async def _run(self) -> None:
+        while True:
+            if 0 < len(self._queue) < self._batch_size and not self._closing:
+                # Let a few more records arrive: one transaction for many rows costs far less
+                # CPU than many small ones, and nobody waits on the ledger.
+                await asyncio.sleep(self._linger)
+            if not self._queue:
+                self._drained.set()
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._drain()
+
+    async def _drain(self) -> None:
+        while self._queue:
+            n = min(len(self._queue), self._batch_size)
+            if not await self._write_batch([self._queue.popleft() for _ in range(n)]):
+                if self._closing:
+                    return
+                await asyncio.sleep(self._hold_retry_seconds)
+
+    async def _write_batch(self, batch: list[LedgerEntry]) -> bool:
+        """Write (or spill) the batch; False when it could only be held in memory."""
+        error: StoreError | None = None
+        for delay in (*self._retry_delays, None):
+            try:
+                self._written += await self.store.write(batch)
+                self._recovered()
+                return True
+            except RowsRejected:
+                # Bad data, not a bad disk: retrying the same batch would fail forever.
+                await self._write_one_by_one(batch)
+                return True
+            except StoreError as e:
+                error = e
+            if delay is not None:
+                await asyncio.sleep(delay)
+        log.warning("ledger: writing %d request(s) to %s failed (%s); spilling", len(batch), self.store.location, error)
+        return await self._spill(batch)
+
+    async def _write_one_by_one(self, batch: list[LedgerEntry]) -> None:
+        for entry in batch:
+            try:
+                self._written += await self.store.write([entry])
+            except RowsRejected as e:
+                self._failed += 1
+                log.error("ledger: request %s cannot be stored (%s); dropped", entry.request.id, e)
+            except StoreError:
+                await self._spill([entry])
+
+    async def _spill(self, batch: list[LedgerEntry]) -> bool:
+        try:
+            await asyncio.to_thread(append_spill, self.spill_path, batch)
+        except OSError as e:
+            return self._hold(batch, e)
+        self._spilled += len(batch)
+        return True
+
+    def _hold(self, batch: list[LedgerEntry], error: OSError) -> bool:
+        """Keep rows in memory for a later retry, unless shutting down or past the cap."""
+        if self._closing or len(self._queue) + len(batch) > MAX_HELD_ROWS:
+            self._lost(len(batch), error)
+            return True
+        if not self._holding:
+            log.error(
+                "ledger: cannot write %s nor the spill file %s (%s); holding rows in memory and retrying",
+                self.store.location,
+                self.spill_path,
+                error,
+            )
+        self._holding = True
+        self._queue.extendleft(reversed(batch))
+        return False
+
+    def _spill_now(self, batch: list[LedgerEntry]) -> None:
+        """After close() there is no writer; a late record is appended synchronously."""
+        try:
+            append_spill(self.spill_path, batch)
+        except OSError as e:
+            self._lost(len(batch), e)
+            return
+        self._spilled += len(batch)
+
+    def _recovered(self) -> None:
+        if self._holding:
+            self._holding = False
+            log.warning("ledger: %s is writable again; held rows are being written", self.store.location)
+
+    def _lost(self, n: int, error: OSError) -> None:
+        self._failed += n
+        log.error(
+            "ledger: LOST %d request record(s): database %s and spill file %s both failed (%s)",
+            n,
+            self.store.location,
+            self.spill_path,
+            error,
+        )
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("ledger: the writer task died; records are no longer written", exc_info=task.exception())

@@ -1,0 +1,86 @@
+"""`proxy check`: what the config resolves to, in words. Never prints a secret."""
+
+from __future__ import annotations
+
+from proxy.config import Config
+from proxy.gateway.routing import RouteHints, make_plan
+
+
+def describe(config: Config) -> str:
+    lines = [f"config: {config.source}", "", "tiers:"]
+    for t in config.tiers:
+        status = "usable" if t.usable else f"SKIPPED ({t.skip_reason})"
+        key = (
+            "no key needed" if not t.api_key_env else f"key from ${t.api_key_env}: {'set' if t.api_key else 'NOT SET'}"
+        )
+        kind = "paid" if t.paid else "free"
+        lines.append(f"  {t.id:<8} {kind:<4} {t.model} at {t.base_url}  timeout {t.timeout:g}s  {key}  -> {status}")
+        if t.aliases:
+            lines.append(f"           aliases: {', '.join(t.aliases)}")
+    lines += ["", "routes:"]
+    for label, hints in (
+        ("default", RouteHints()),
+        ("X-Replan: minor", RouteHints(replan="minor")),
+        ("X-Complexity: complex", RouteHints(complexity="complex")),
+    ):
+        lines.append(f"  {label:<22} {_chain(config, hints)}")
+    r = config.retries
+    lines += [
+        "",
+        f"retries: {r.max_fallback_retries} attempts per tier, {r.max_total_retries} per request, "
+        f"deadline {r.request_deadline_seconds:g}s",
+        f"escalation: after {config.routing.escalate_after_failures} consecutive failures of "
+        f"{config.routing.primary!r}, for {config.routing.breaker_cooldown_seconds:g}s",
+        f"ledger: {config.ledger.path}",
+        _server(config),
+        _clients(config),
+        _budgets(config),
+    ]
+    if config.warnings:
+        lines += ["", "warnings:", *(f"  - {w}" for w in config.warnings)]
+    return "\n".join(lines)
+
+
+def _server(config: Config) -> str:
+    s = config.server
+    return (
+        f"server: {s.host}:{s.port}; bodies up to {s.max_body_bytes / 2**20:g} MiB, sent within "
+        f"{s.body_read_timeout_seconds:g}s; connections closed after {s.idle_timeout_seconds:g}s without a "
+        f"request; {s.shutdown_timeout_seconds:g}s to finish on stop"
+    )
+
+
+def _clients(config: Config) -> str:
+    if not config.auth_required:
+        return "clients: no keys (auth.keys): `proxy serve` listens on loopback only unless --host is given"
+    if not config.client_keys:
+        return "clients: keys required, but none is enabled: every /v1 call gets 401"
+    keys = []
+    for k in config.client_keys:
+        limits = [
+            f"{k.requests_per_minute}/min" if k.requests_per_minute else "",
+            f"${k.daily_usd}/day" if k.daily_usd is not None else "",
+        ]
+        shown = ", ".join(x for x in limits if x)
+        keys.append(f"{k.name} ({shown})" if shown else k.name)
+    return f"clients: keys required; enabled: {', '.join(keys)}"
+
+
+def _budgets(config: Config) -> str:
+    b = config.budgets
+    caps = [
+        (w, v) for w, v in (("day", b.daily_usd), ("week", b.weekly_usd), ("month", b.monthly_usd)) if v is not None
+    ]
+    if not caps:
+        return "budgets: none (paid tiers are never held back by spend)"
+    listed = ", ".join(f"${v}/{w}" for w, v in caps)
+    return f"budgets: {listed}; paid tiers are skipped once one is spent (warning at {b.soft_ratio:.0%})"
+
+
+def _chain(config: Config, hints: RouteHints) -> str:
+    from proxy.errors import ProxyError
+
+    try:
+        return " -> ".join(make_plan(config, hints, frozenset()).tier_ids)
+    except ProxyError as e:
+        return f"(no chain: {e.message})"

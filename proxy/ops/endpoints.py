@@ -1,0 +1,78 @@
+"""The operational endpoints: /healthz, /readyz, /metrics, /proxy/report and /openapi.yaml."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib.resources
+import sqlite3
+import time
+
+from aiohttp import web
+
+from proxy import __version__
+from proxy.errors import BadRequest, NotFound, Unavailable
+from proxy.gateway.state import STATE
+from proxy.ledger.budget import budget_json
+from proxy.ledger.report import parse_since
+from proxy.ledger.report_read import build_report
+
+# The document carries the package's version, written once in proxy/__init__.py.
+_OPENAPI = importlib.resources.files("proxy") / "openapi.yaml"
+
+
+async def get_healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def get_readyz(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    now = time.monotonic()
+    tiers = {
+        t.id: {
+            "usable": t.usable,
+            "reason": t.skip_reason,
+            "breaker": state.breakers.get(t.id).state(now).value,
+        }
+        for t in state.config.tiers
+    }
+    ready = bool(state.config.usable_tiers) and state.session is not None
+    return web.json_response(
+        {"status": "ready" if ready else "not_ready", "config": state.config.source, "tiers": tiers},
+        status=200 if ready else 503,
+    )
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def get_openapi(request: web.Request) -> web.Response:
+    body = _OPENAPI.read_bytes().replace(b"__VERSION__", __version__.encode(), 1)
+    return web.Response(body=body, headers={"Content-Type": "application/yaml"})
+
+
+async def get_report(request: web.Request) -> web.Response:
+    """GET /proxy/report?since=24h: the same JSON as `proxy report --json`, plus budget state."""
+    state = request.app[STATE]
+    ledger = state.ledger
+    if ledger is None:
+        raise NotFound("This proxy runs without a ledger, so there is no report.", code="no_ledger")
+    since = request.query.get("since", "24h")
+    try:
+        parse_since(since, time.time())
+    except ValueError as e:
+        raise BadRequest(str(e), param="since", code="invalid_since") from None
+    # Include what was just answered; but a broken disk must not hang the report.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(1.0):
+            await ledger.flush()
+    try:
+        doc = (await build_report(ledger.store.location, since)).to_json()
+    except (OSError, sqlite3.Error) as e:
+        raise Unavailable(f"The ledger cannot be read: {e}", code="ledger_unavailable") from None
+    doc["budget"] = budget_json(state.budget.state(time.time()))
+    doc["ledger"] = dataclasses.asdict(ledger.stats)
+    return web.json_response(doc)

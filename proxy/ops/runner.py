@@ -1,0 +1,114 @@
+"""The HTTP server under the app: aiohttp's, run by us instead of `web.run_app` for two reasons.
+
+- What aiohttp refuses before any middleware runs (a request its HTTP parser cannot read, a
+  handler that escaped every middleware) is answered in OpenAI's error format, like every other
+  error, instead of aiohttp's text/plain page. SDKs parse `error.message`; a text page makes them
+  raise a less helpful error.
+- The idle timeout bounds the request head: aiohttp arms it when a connection opens and after
+  each response, and closes the connection if no complete request head arrived by then, so a
+  client that connects and sends nothing, or drips its headers (slowloris), does not pin a
+  connection. The body has its own deadline (`body_read_timeout_seconds`, in the handler).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from proxy.config import ServerSpec
+from proxy.gateway.client_io import protocol_error
+
+log = logging.getLogger("proxy")
+
+
+class _Handler(RequestHandler):
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started; no error response can follow it")
+        return protocol_error(request, status, exc, message)
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
+class ProxyRunner(web.AppRunner):
+    """An AppRunner whose connections answer protocol errors in OpenAI's format."""
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()
+        return _Server(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **made._kwargs,
+        )
+
+
+def runner_for(app: web.Application, spec: ServerSpec, *, handle_signals: bool = False) -> ProxyRunner:
+    return ProxyRunner(
+        app,
+        handle_signals=handle_signals,
+        access_log=None,  # the proxy logs one line per request itself, with what matters
+        handler_cancellation=True,  # a client that leaves cancels its request, and the upstream call
+        shutdown_timeout=spec.shutdown_timeout_seconds,
+        keepalive_timeout=spec.idle_timeout_seconds,
+    )
+
+
+def run_until_stopped(
+    app: web.Application, host: str, port: int, spec: ServerSpec, loop: asyncio.AbstractEventLoop
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop accepting, let requests in flight finish for up to
+    `shutdown_timeout_seconds`, and run the app's cleanup (which flushes the ledger)."""
+    asyncio.set_event_loop(loop)
+    main = loop.create_task(_listen(app, host, port, spec))
+    try:
+        loop.run_until_complete(main)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        if not main.done():
+            main.cancel()  # runs _listen's cleanup: the graceful part of the shutdown
+            with suppress(asyncio.CancelledError):
+                loop.run_until_complete(main)
+        _cancel_leftovers(loop)
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+async def _listen(app: web.Application, host: str, port: int, spec: ServerSpec) -> None:
+    runner = runner_for(app, spec, handle_signals=True)  # SIGTERM/SIGINT raise GracefulExit here
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        log.info(
+            "stopping: no new connections; requests in flight have up to %g s to finish "
+            "(server.shutdown_timeout_seconds)",
+            spec.shutdown_timeout_seconds,
+        )
+        raise
+    finally:
+        await runner.cleanup()
+
+
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    tasks = asyncio.all_tasks(loop)
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))

@@ -1,0 +1,342 @@
+"""A simulated OpenAI-compatible chat-completions upstream: its server and handlers.
+
+Three users share it: `proxy demo` (show the fallback chain with no API key), the test suite
+(a fake upstream whose faults are switched on per request) and the benchmark (a built-in
+upstream that must not be the bottleneck).  So the happy path is kept cheap: bodies come
+from `bodies.py`, every JSON body is produced by orjson, and a stream without pacing is
+written in a single write.
+
+Faults are described by a `Behaviour`; `SimSettings.script` queues one per request and
+`SimSettings.default` covers the rest.  All state hangs off the app (`SIM_SETTINGS`,
+`SIM_STATS`), so several simulated tiers can run side by side in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from proxy.sim import bodies
+from proxy.sim.settings import SIM_SETTINGS, SIM_STATS, Behaviour, RecordedRequest, SimSettings, SimStats
+
+
+@dataclass(slots=True)
+class _State:
+    rng: random.Random
+    canned: dict[tuple[int, str], bodies.Canned] = field(default_factory=dict)
+    stopping: bool = False
+
+
+_STATE = web.AppKey("sim_state", _State)
+# How often a long wait looks for a vanished client: aiohttp only cancels handlers when the
+# server was built with handler_cancellation=True, which we cannot rely on.
+_POLL_SECONDS = 0.02
+
+
+class _CallerLeft(Exception):
+    pass
+
+
+class _ShuttingDown(Exception):
+    pass
+
+
+async def _pause(request: web.Request, state: _State, seconds: float | None) -> None:
+    """Sleep `seconds` (None: forever), ending early if the client or the server goes away."""
+    if seconds is not None and seconds <= 0:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = None if seconds is None else loop.time() + seconds
+    while True:
+        if state.stopping:
+            raise _ShuttingDown
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise _CallerLeft
+        if deadline is None:
+            step = _POLL_SECONDS
+        else:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            step = min(remaining, _POLL_SECONDS)
+        await asyncio.sleep(step)
+
+
+async def _send(
+    request: web.Request, state: _State, resp: web.StreamResponse, data: bytes, trickle: float | None
+) -> None:
+    if trickle is None:
+        await resp.write(data)
+        return
+    for i in range(len(data)):
+        await resp.write(data[i : i + 1])
+        await _pause(request, state, trickle)
+
+
+def _cut(request: web.Request) -> None:
+    # close(), not abort(): the part already written must reach the client before the FIN,
+    # otherwise the fault would look like "nothing received" rather than "dropped mid-way".
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    settings = app[SIM_SETTINGS]
+    stats = app[SIM_STATS]
+    state = app[_STATE]
+    stats.hits += 1
+    number = stats.hits
+    stats.active += 1
+    record = _record(request, settings, stats)
+    try:
+        body = await request.read()
+        # Every chat request consumes its scripted behaviour, even one rejected below, so a
+        # script's positions always match request positions.
+        if settings.script:
+            behaviour = settings.script.popleft()
+        else:
+            behaviour = settings.default
+            if settings.failure_rate and state.rng.random() < settings.failure_rate:
+                behaviour = replace(behaviour, status=503)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            payload = None
+        if record is not None:
+            record.body = body
+            record.json = payload
+        if not isinstance(payload, dict):
+            return web.Response(status=400, body=bodies.BAD_JSON, headers={"Content-Type": bodies.JSON})
+        return await _answer(request, settings, state, behaviour, payload, number, len(body))
+    except asyncio.CancelledError:
+        stats.cancelled += 1
+        raise
+    except (_CallerLeft, ConnectionError):
+        # Re-raising would make aiohttp log a 500 traceback for an ordinary disconnect;
+        # returning lets it notice the dead transport and drop the connection quietly.
+        stats.cancelled += 1
+        return web.Response()
+    except _ShuttingDown:
+        _cut(request)
+        return web.Response()
+    finally:
+        stats.active -= 1
+
+
+def _record(request: web.Request, settings: SimSettings, stats: SimStats) -> RecordedRequest | None:
+    if not settings.record_requests:
+        return None
+    # Recorded on arrival (body filled in once read) so a request whose client vanishes
+    # mid-upload still shows up.
+    record = RecordedRequest(
+        method=request.method,
+        path=request.path,
+        headers={k.lower(): v for k, v in request.headers.items()},
+    )
+    stats.requests.append(record)
+    return record
+
+
+async def _answer(
+    request: web.Request,
+    settings: SimSettings,
+    state: _State,
+    b: Behaviour,
+    payload: dict[str, Any],
+    number: int,
+    body_len: int,
+) -> web.StreamResponse:
+    if b.stall:
+        await _pause(request, state, None)
+    delay = b.headers_delay
+    low, high = settings.latency
+    if high > 0:
+        delay += state.rng.uniform(low, high)
+    await _pause(request, state, delay)
+
+    stream = payload.get("stream") is True
+    headers: dict[str, str] = {}
+    if b.retry_after is not None:
+        headers["Retry-After"] = b.retry_after
+    if settings.simulated_label:
+        headers["x-simulated"] = "true"
+
+    if b.status != 200:
+        headers["Content-Type"] = b.content_type or bodies.JSON
+        data = b.error_body if b.error_body is not None else bodies.error_body(b.status, settings.name)
+        return await _whole(request, state, b, b.status, headers, data)
+
+    model = settings.model
+    if model is None:
+        requested = payload.get("model")
+        model = requested if isinstance(requested, str) else settings.name
+    label = f"[simulated {settings.name}] " if settings.simulated_label else ""
+    canned = bodies.canned(state.canned, b.chunks, label)
+    prompt_tokens = max(1, body_len // 4)
+    created = int(time.time())
+    completion_id = f"chatcmpl-sim-{number}"
+
+    if stream:
+        headers["Content-Type"] = b.content_type or bodies.SSE
+        headers["Cache-Control"] = "no-cache"
+        options = payload.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True and not b.no_usage
+        events = bodies.stream_events(
+            b, canned, completion_id, created, model, settings.name, include_usage, prompt_tokens
+        )
+        return await _stream(request, state, b, headers, events)
+
+    headers["Content-Type"] = b.content_type or bodies.JSON
+    if b.not_completion:
+        data = bodies.NOT_COMPLETION
+    elif b.malformed:
+        data = b'{"id": "' + completion_id.encode() + b'", "object": "chat.completion", "choices": [{'
+    else:
+        content = canned.content
+        completion_tokens = len(canned.fragments)
+        doc = bodies.completion(completion_id, created, model, settings.name, content)
+        if not b.no_usage:
+            doc["usage"] = bodies.usage(prompt_tokens, completion_tokens)
+        data = orjson.dumps(doc)
+        if b.body_size is not None and b.body_size > len(data):
+            pad_words = (b.body_size - len(data)) // 4
+            doc["choices"][0]["message"]["content"] = content + " pad" * pad_words
+            if not b.no_usage:
+                doc["usage"] = bodies.usage(prompt_tokens, completion_tokens + pad_words)
+            data = orjson.dumps(doc)
+    return await _whole(request, state, b, 200, headers, data)
+
+
+async def _whole(
+    request: web.Request,
+    state: _State,
+    b: Behaviour,
+    status: int,
+    headers: dict[str, str],
+    data: bytes,
+) -> web.StreamResponse:
+    """Send a complete (non-SSE) body, applying the faults that apply to one."""
+    if not (b.stall_after_headers or b.trickle is not None or b.drop_after is not None):
+        return web.Response(status=status, body=data, headers=headers)
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = len(data)
+    await resp.prepare(request)
+    if b.stall_after_headers:
+        await _pause(request, state, None)
+    if b.drop_after is not None:
+        await _send(request, state, resp, data[: min(b.drop_after, max(len(data) - 1, 0))], b.trickle)
+        _cut(request)
+        return resp
+    await _send(request, state, resp, data, b.trickle)
+    await resp.write_eof()
+    return resp
+
+
+async def _stream(
+    request: web.Request,
+    state: _State,
+    b: Behaviour,
+    headers: dict[str, str],
+    events: list[bytes],
+) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers=headers)
+    await resp.prepare(request)
+    if b.stall_after_headers:
+        await _pause(request, state, None)
+    await _first_event_wait(request, state, resp, b)
+    if b.chunk_delay <= 0 and b.trickle is None:
+        await resp.write(b"".join(events))
+    else:
+        for i, event in enumerate(events):
+            if i:
+                await _pause(request, state, b.chunk_delay)
+            await _send(request, state, resp, event, b.trickle)
+    if b.drop_after is not None:
+        _cut(request)
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _first_event_wait(request: web.Request, state: _State, resp: web.StreamResponse, b: Behaviour) -> None:
+    if b.keepalive_interval is None:
+        await _pause(request, state, b.first_event_delay)
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + b.first_event_delay
+    while (remaining := deadline - loop.time()) > 0:
+        await _pause(request, state, min(b.keepalive_interval, remaining))
+        if deadline - loop.time() > 0:
+            await _send(request, state, resp, bodies.KEEPALIVE, b.trickle)
+
+
+async def _models(request: web.Request) -> web.Response:
+    settings = request.app[SIM_SETTINGS]
+    _count(request, settings)
+    doc = {
+        "object": "list",
+        "data": [
+            {
+                "id": settings.model or settings.name,
+                "object": "model",
+                "created": 0,
+                "owned_by": settings.name,
+            }
+        ],
+    }
+    return web.Response(body=orjson.dumps(doc), headers={"Content-Type": bodies.JSON})
+
+
+async def _health(request: web.Request) -> web.Response:
+    _count(request, request.app[SIM_SETTINGS])
+    return web.Response(body=bodies.HEALTH, headers={"Content-Type": bodies.JSON})
+
+
+def _count(request: web.Request, settings: SimSettings) -> None:
+    stats = request.app[SIM_STATS]
+    stats.hits += 1
+    _record(request, settings, stats)
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    # Stalled handlers would otherwise hold runner.cleanup() for its whole shutdown_timeout.
+    app[_STATE].stopping = True
+
+
+def create_sim_app(settings: SimSettings | None = None) -> web.Application:
+    settings = settings if settings is not None else SimSettings()
+    app = web.Application()
+    app[SIM_SETTINGS] = settings
+    app[SIM_STATS] = SimStats()
+    app[_STATE] = _State(rng=random.Random(settings.seed))
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+async def start_sim(
+    settings: SimSettings | None = None, host: str = "127.0.0.1", port: int = 0
+) -> tuple[web.AppRunner, str]:
+    """Serve a simulated upstream; returns the runner (call `cleanup()`) and its /v1 base URL."""
+    runner = web.AppRunner(create_sim_app(settings), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        real_port = runner.addresses[0][1]
+    except BaseException:
+        await runner.cleanup()
+        raise
+    shown = f"[{host}]" if ":" in host else host
+    return runner, f"http://{shown}:{real_port}/v1"
