@@ -46,7 +46,7 @@ async def post_chat_completions(request: web.Request) -> web.StreamResponse:
     )
     close = _RecordCloser(rec, state, time.monotonic())
     try:
-        return await _answer(request, state, rec, close)
+        return await _handle_chat(request, state, rec, close)
     except ProxyError as e:
         rec.status, rec.outcome, rec.error = e.status, Outcome.ERROR, e.message
         close()
@@ -79,7 +79,9 @@ class _RecordCloser:
             log_request(self.rec)
 
 
-async def _answer(request: web.Request, state: ProxyState, rec: CallRecord, close: _RecordCloser) -> web.StreamResponse:
+async def _handle_chat(
+    request: web.Request, state: ProxyState, rec: CallRecord, close: _RecordCloser
+) -> web.StreamResponse:
     key = request.get(CLIENT_KEY)
     if key is not None:
         rec.client = key.name
