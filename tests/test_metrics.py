@@ -13,6 +13,7 @@ from proxy.breaker import BreakerState
 from proxy.ledger import LedgerStats
 from proxy.metrics import Metrics, Snapshot
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route, Usage
+from tests.support.records import attempt, call
 from tests.support.timing import best_us_per_call, us_per_call
 
 TIERS = ("llama", "ollama", "kimi")
@@ -47,24 +48,12 @@ def _get(samples: dict[Key, float], name: str, **labels: str) -> float:
 
 
 def _attempt(n: int, tier: str, ms: float, outcome: AttemptOutcome = AttemptOutcome.OK, **kw: Any) -> AttemptRecord:
-    return AttemptRecord(n=n, tier=tier, model=f"{tier}-model", started_at=0.0, duration_ms=ms, outcome=outcome, **kw)
+    return attempt(n, tier, outcome, started_at=0.0, duration_ms=ms, **kw)
 
 
 def _call(route: Route, tier: str | None, attempts: list[AttemptRecord], ms: float, **kw: Any) -> CallRecord:
-    kw.setdefault("stream", False)
-    return CallRecord(
-        request_id="req-SECRET-ID",
-        started_at=0.0,
-        route=route,
-        chain=TIERS,
-        requested_model="auto",
-        client="client-name",
-        duration_ms=ms,
-        tier=tier,
-        attempts=attempts,
-        request_body=b"PROMPT-TEXT",
-        **kw,
-    )
+    fields: dict[str, Any] = {"model": None, "client": "client-name", "request_body": b"PROMPT-TEXT", **kw}
+    return call("req-SECRET-ID", tier, at=0.0, route=route, attempts=attempts, duration_ms=ms, **fields)
 
 
 SUCCESS = _call(Route.DEFAULT, "llama", [_attempt(1, "llama", 200.0)], 200.4, status=200)

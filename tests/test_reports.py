@@ -16,6 +16,7 @@ from proxy.config import Config, build_config
 from proxy.ledger import Ledger, iso_utc, open_db, rebuild_rollups
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route, Usage
 from proxy.reports import ALLOWED_SINCE, build_report, import_main, parse_since, render_table, report_main
+from tests.support.records import attempt, call
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC).timestamp()
 TIERS: dict[str, dict[str, Any]] = {
@@ -31,22 +32,8 @@ def config(kimi_price: dict[str, str]) -> Config:
 
 
 def record(rid: str, tier: str | None, at: float, **kw: Any) -> CallRecord:
-    attempts = kw.pop("attempts", None)
-    if attempts is None:
-        attempts = [AttemptRecord(n=1, tier=tier or "llama", model="m", started_at=at, usage=kw.get("usage"))]
-    return CallRecord(
-        request_id=rid,
-        started_at=at,
-        route=kw.pop("route", Route.DEFAULT),
-        chain=("llama", "ollama", "kimi"),
-        stream=kw.pop("stream", False),
-        requested_model="auto",
-        tier=tier,
-        model=tier,
-        status=kw.pop("status", 200),
-        attempts=attempts,
-        **kw,
-    )
+    kw.setdefault("attempts", [attempt(1, tier or "llama", started_at=at, model="m", usage=kw.get("usage"))])
+    return call(rid, tier, at=at, model=tier, **kw)
 
 
 async def write(db: Path, cfg: Config, records: list[CallRecord]) -> None:
