@@ -57,7 +57,7 @@ from proxy.app import create_app
 from proxy.config import Config
 from proxy.simulate import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app, start_sim
 from tests.conftest import FAST, Upstream, make_config, tier_config
-from tests.support.proc import Running, start_proxy
+from tests.support.proc import ProxyProc
 from tests.support.secret_scan import KIMI_KEY
 from tests.support.server import ProxyTestServer
 
@@ -1191,7 +1191,7 @@ def test_protocol_errors_in_openai_format(harness: Harness, data: bytes) -> None
 @dataclass
 class Served:
     url: str
-    run: Running
+    run: ProxyProc
     stats: dict[str, SimStats]
 
     def hits(self) -> int:
@@ -1224,12 +1224,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             "server": {"max_body_bytes": LIMIT, "body_read_timeout_seconds": 5.0},
             "ledger": {"path": str(tmp / "ledger.db")},
         }
-        proc = run(start_proxy(tmp, config, {"TEST_KIMI_KEY": KIMI_KEY}))
+        proc = ProxyProc.start(tmp, config, {"TEST_KIMI_KEY": KIMI_KEY})
         try:
             yield Served(proc.url, proc, {n: u.stats for n, u in ups.items()})
         finally:
-            assert proc.proc.returncode is None, f"proxy serve died:\n{proc.log_text()[-3000:]}"
-            run(proc.stop())
+            alive = proc.alive()
+            proc.terminate()
+            assert alive, f"proxy serve died:\n{proc.log_text()[-3000:]}"
     finally:
         for runner in runners:
             run(runner.cleanup())
