@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,14 +62,6 @@ async def upstreams(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> dic
         server = await aiohttp_server(app)
         result[name] = Upstream(name, str(server.make_url("/v1")), settings, app[SIM_STATS])
     return result
-
-
-def closed_port_url() -> str:
-    """A loopback URL nothing listens on: connection refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
 
 
 def tier_config(ups: dict[str, Upstream], **overrides: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,8 @@ import pytest
 from proxy.config import BudgetSpec, Config, build_config
 from proxy.ledger import Ledger
 from proxy.ledger.budget import BudgetTracker, window_start
-from proxy.records import CallRecord, Route
+from proxy.records import CallRecord
+from tests.support.records import call
 
 D = Decimal
 CALL = D("0.0008")  # the default Kimi per-call price
@@ -27,17 +28,7 @@ DECEMBER = ts(2026, 12, 1, 0, 0, 1)
 
 
 def kimi_call(rid: str, at: float) -> CallRecord:
-    return CallRecord(
-        request_id=rid,
-        started_at=at,
-        route=Route.DEFAULT,
-        chain=("kimi",),
-        stream=False,
-        requested_model="kimi",
-        tier="kimi",
-        model="kimi-k2.5",
-        status=200,
-    )
+    return call(rid, "kimi", at=at, chain=("kimi",), requested_model="kimi", model="kimi-k2.5", attempts=[])
 
 
 def config_with(**budgets: str) -> Config:

@@ -11,7 +11,8 @@ from typing import Any
 from aiohttp import web
 
 from proxy.sim import Behaviour
-from tests.conftest import ProxyFactory, Upstream, closed_port_url, tier_config
+from tests.conftest import ProxyFactory, Upstream, tier_config
+from tests.support.proc import closed_port_url
 from tests.support.secret_scan import KIMI_KEY
 
 MSG = {"messages": [{"role": "user", "content": "plan the next step"}]}

@@ -36,7 +36,18 @@ SECRET_EXAMPLE = K8S / "secret.example.yaml"
 KIMI_KEY_ENV = "MOONSHOT_API_KEY"
 FREE_MODELS = {"llama": "llama3.1:8b", "ollama": "qwen2.5:7b"}
 
+# Parametrized tests over these lists would be skipped, not failed, if a list came out empty:
+# test_the_file_lists_hold_the_deploy_files guards them.
 YAML_FILES = sorted(p for p in DEPLOY.rglob("*") if p.suffix in (".yaml", ".yml"))
+DEPLOY_FILES = sorted(p for p in DEPLOY.rglob("*") if p.is_file())
+# kustomization.yaml holds no cluster resource: test_k8s_kustomization_* check it.
+K8S_RESOURCE_FILES = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_the_file_lists_hold_the_deploy_files() -> None:
+    assert DEPLOY / "docker-compose.yml" in YAML_FILES and K8S / "deployment.yaml" in YAML_FILES, YAML_FILES
+    assert {DEPLOY / "Dockerfile", DEPLOY / "proxy.service", SECRET_EXAMPLE} <= set(DEPLOY_FILES), DEPLOY_FILES
+    assert {K8S / "deployment.yaml", K8S / "service.yaml", SECRET_EXAMPLE} <= set(K8S_RESOURCE_FILES)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -153,7 +164,9 @@ def test_dockerfile_serves_with_real_subcommand_and_flags() -> None:
 
 def test_dockerfile_base_is_slim_python_311_or_newer() -> None:
     defaults = dict(arg.split("=", 1) for arg in instructions("ARG") if "=" in arg)
-    for base in instructions("FROM"):
+    bases = instructions("FROM")
+    assert bases, "no FROM in deploy/Dockerfile"
+    for base in bases:
         image = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], base.split()[0])
         m = re.fullmatch(r"python:(\d+)\.(\d+)(?:\.\d+)?-slim(?:-\w+)?", image)
         assert m, f"FROM {base}: expected a python:3.x-slim image"
@@ -286,13 +299,16 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
     ]
     assert ignore[0] == "*", "Dockerfile.dockerignore is an allow-list starting with `*`"
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    sources = []
     for rest in instructions("COPY"):
         words = exec_form(rest)
         if any(w.startswith("--from") for w in words):
             continue
-        for src in (w for w in words[:-1] if not w.startswith("--")):
-            assert (ROOT / src).exists(), f"COPY {src}: no such file in the build context"
-            assert src.rstrip("/") in allowed, f"COPY {src}: excluded by deploy/Dockerfile.dockerignore"
+        sources += [w for w in words[:-1] if not w.startswith("--")]
+    assert sources, "no COPY from the build context in deploy/Dockerfile"
+    for src in sources:
+        assert (ROOT / src).exists(), f"COPY {src}: no such file in the build context"
+        assert src.rstrip("/") in allowed, f"COPY {src}: excluded by deploy/Dockerfile.dockerignore"
 
 
 # ------------------------------------------------------------------------------------ systemd
@@ -530,8 +546,9 @@ def test_k8s_workload(file: str, kind: str) -> None:
     (svc_port,) = service_doc["spec"]["ports"]
     assert container_port(container, svc_port["targetPort"]) == args.port
     labels = wl["spec"]["template"]["metadata"]["labels"]
-    assert service_doc["spec"]["selector"].items() <= labels.items()
-    assert wl["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    # An empty selector is a subset of any labels, and selects every pod or none.
+    assert service_doc["spec"]["selector"] and service_doc["spec"]["selector"].items() <= labels.items()
+    assert wl["spec"]["selector"]["matchLabels"] and wl["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
     sc, psc = container["securityContext"], pod["securityContext"]
     assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True
@@ -583,13 +600,13 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
-@pytest.mark.parametrize("path", sorted(K8S.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", K8S_RESOURCE_FILES, ids=lambda p: p.name)
 def test_k8s_manifest_matches_kubernetes_schema(path: Path, version: str) -> None:
     """Strict: a misspelt or misplaced field (`readynessProbe`) is an error, as kubectl's
     server-side field validation would make it."""
-    for doc in load_yaml(path):
-        if doc.get("apiVersion", "").startswith("kustomize.config.k8s.io/"):
-            continue  # not a cluster resource: test_k8s_kustomization_* check it
+    docs = [d for d in load_yaml(path) if not d.get("apiVersion", "").startswith("kustomize.config.k8s.io/")]
+    assert docs, f"{path.name}: no cluster resource to validate"
+    for doc in docs:
         kubernetes_validate.validate(doc, version, strict=True)
 
 
@@ -607,6 +624,7 @@ def test_kubectl_kustomize_renders_what_apply_k_would_send() -> None:
 
 def test_k8s_kustomization_lists_existing_files_but_not_the_example_secret() -> None:
     (kust,) = load_yaml(K8S / "kustomization.yaml")
+    assert kust["resources"], "kustomization.yaml lists no resources"
     for resource in kust["resources"]:
         assert (K8S / resource).is_file(), resource
         assert "example" not in resource, f"{resource} is an example, not for `kubectl apply -k`"
@@ -649,11 +667,7 @@ def high_entropy(token: str) -> bool:
     return len(token) >= 32 and classes == 3
 
 
-@pytest.mark.parametrize(
-    "path",
-    sorted(p for p in DEPLOY.rglob("*") if p.is_file()),
-    ids=lambda p: str(p.relative_to(DEPLOY)),
-)
+@pytest.mark.parametrize("path", DEPLOY_FILES, ids=lambda p: str(p.relative_to(DEPLOY)))
 def test_no_secret_looking_values(path: Path) -> None:
     text = path.read_text(encoding="utf-8")
     for pattern in KEY_SHAPED:

@@ -31,7 +31,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -44,15 +43,14 @@ import pytest
 
 from proxy.sim import Behaviour
 from tests.support.faults import (
+    KIMI_ENV,
     Answer,
     Observation,
-    ProxyProc,
     RawReply,
     SimThread,
     chat,
     chat_body,
     chunked,
-    closed_port_url,
     count_rows,
     describe_answer,
     drip_until_closed,
@@ -69,6 +67,7 @@ from tests.support.faults import (
     summarize_ledger,
     wait_count,
 )
+from tests.support.proc import ProxyProc, closed_port_url, run_cli
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
 
@@ -95,7 +94,7 @@ def urls(sims: SimThread) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def shared_proxy(sims: SimThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProc]:
     work = tmp_path_factory.mktemp("matrix")
-    proc = ProxyProc.start(work, proxy_config(urls(sims), work / "ledger.db"))
+    proc = ProxyProc.start(work, proxy_config(urls(sims), work / "ledger.db"), KIMI_ENV)
     yield proc
     assert proc.terminate() == 0
 
@@ -565,7 +564,7 @@ def unreachable(
     for kind, url in (("refused", closed_port_url()), ("blackhole", hole.url)):
         work = tmp_path_factory.mktemp(kind)
         config = proxy_config({**urls(sims), "llama": url}, work / "ledger.db")
-        procs[kind] = (ProxyProc.start(work, config), hole if kind == "blackhole" else None)
+        procs[kind] = (ProxyProc.start(work, config, KIMI_ENV), hole if kind == "blackhole" else None)
     yield procs
     for proc, _ in procs.values():
         assert proc.terminate() == 0
@@ -796,7 +795,7 @@ def fresh(sims: SimThread) -> SimThread:
 
 @contextlib.contextmanager
 def own_proxy(work: Path, config: dict[str, Any]) -> Iterator[ProxyProc]:
-    proc = ProxyProc.start(work, config)
+    proc = ProxyProc.start(work, config, KIMI_ENV)
     try:
         yield proc
     finally:
@@ -969,14 +968,8 @@ async def test_ledger_locked_by_another_writer(
         assert spilled == 10
         assert (await chat(session, proc)).status == 200
         assert wait_count(db, 2) == 2, "written directly once the lock is gone"
-        imported = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "proxy", "ledger", "import", "--db", str(db), "--config", str(proc.config_path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert imported.returncode == 0, imported.stderr
+        rc, _, err = await run_cli("ledger", "import", "--db", str(db), "--config", str(proc.config_path), timeout=30)
+        assert rc == 0, err
         assert wait_count(db, 12) == 12
         assert not Path(f"{db}.spill.jsonl").exists()
         assert (await chat(session, proc)).status == 200

@@ -16,9 +16,7 @@ FUZZ_EXAMPLES=N sets the examples per test (default: a few dozen; ~15 s on 2 cor
 FUZZ_REPORT=path.json writes the counts (hypothesis_cases, schemathesis_cases, failures,
 server_errors, ...) when the module ends.
 
-Bugs the fuzzers found are kept as regression tests at the end of the hypothesis half; the
-property tests leave out exactly those inputs (counted in `known_bug_inputs_skipped`), so they
-keep guarding everything else.
+Bugs the fuzzers found are kept as regression tests at the end of the hypothesis half.
 """
 
 from __future__ import annotations
@@ -59,7 +57,7 @@ from proxy.app import create_app
 from proxy.config import Config
 from proxy.sim import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app, start_sim
 from tests.conftest import FAST, Upstream, make_config, tier_config
-from tests.support.proc import Running, start_proxy
+from tests.support.proc import ProxyProc
 from tests.support.secret_scan import KIMI_KEY
 from tests.support.server import ProxyTestServer
 
@@ -104,9 +102,8 @@ def fuzz(default: int) -> settings:
 class Tally:
     hypothesis_cases: int = 0
     schemathesis_cases: int = 0
-    server_errors: int = 0  # 5xx answers seen by the fuzzers (known-bug reproductions excluded)
+    server_errors: int = 0  # 5xx answers seen by the fuzzers
     upstream_leaks: int = 0  # invalid requests that reached an upstream
-    known_bug_inputs_skipped: int = 0
     schemathesis_statuses: dict[str, int] = field(default_factory=dict)
 
 
@@ -114,12 +111,11 @@ TALLY = Tally()
 
 
 class _Outcomes:
-    """A pytest plugin registered for this module's run: which of its tests failed or xfailed."""
+    """A pytest plugin registered for this module's run: which of its tests failed or passed."""
 
     def __init__(self, module: str) -> None:
         self.module = module
         self.failed: set[str] = set()
-        self.xfailed: set[str] = set()
         self.passed: set[str] = set()
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -127,8 +123,6 @@ class _Outcomes:
             return
         if report.failed:
             self.failed.add(report.nodeid)
-        elif hasattr(report, "wasxfail"):
-            self.xfailed.add(report.nodeid)
         elif report.when == "call" and report.passed:
             self.passed.add(report.nodeid)
 
@@ -148,7 +142,6 @@ def fuzz_report(request: pytest.FixtureRequest) -> Iterator[None]:
                 **asdict(TALLY),
                 "failures": len(outcomes.failed),
                 "failed_tests": sorted(outcomes.failed),
-                "known_bugs": sorted(outcomes.xfailed),
                 "passed_tests": len(outcomes.passed),
                 "examples_per_test": EXAMPLES or "default",
                 "duration_seconds": round(time.monotonic() - t0, 2),
@@ -357,7 +350,6 @@ class Harness:
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         keyed: bool = False,
-        known_bug: bool = False,
     ) -> Reply:
         client = self.keyed if keyed else self.open
 
@@ -368,10 +360,10 @@ class Harness:
                 return Reply(resp.status, resp.headers, data, self.hits() - before)
 
         reply = self.run(go())
-        self.count(reply, known_bug)
+        self.count(reply)
         return reply
 
-    def raw(self, data: bytes, *, keyed: bool = False, known_bug: bool = False, timeout: float = 10.0) -> Reply:
+    def raw(self, data: bytes, *, keyed: bool = False, timeout: float = 10.0) -> Reply:
         """Send bytes the HTTP client would refuse to; the request must say Connection: close."""
         client = self.keyed if keyed else self.open
         assert client.port is not None
@@ -391,12 +383,12 @@ class Harness:
             return parse_raw(answer, self.hits() - before)
 
         reply = self.run(go())
-        self.count(reply, known_bug)
+        self.count(reply)
         return reply
 
-    def count(self, reply: Reply, known_bug: bool = False) -> None:
+    def count(self, reply: Reply) -> None:
         TALLY.hypothesis_cases += 1
-        if reply.status >= 500 and not known_bug:
+        if reply.status >= 500:
             TALLY.server_errors += 1
 
     def chat(self, doc: Any, headers: Mapping[str, str] | None = None, *, keyed: bool = False) -> Reply:
@@ -1199,7 +1191,7 @@ def test_protocol_errors_in_openai_format(harness: Harness, data: bytes) -> None
 @dataclass
 class Served:
     url: str
-    run: Running
+    run: ProxyProc
     stats: dict[str, SimStats]
 
     def hits(self) -> int:
@@ -1232,12 +1224,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             "server": {"max_body_bytes": LIMIT, "body_read_timeout_seconds": 5.0},
             "ledger": {"path": str(tmp / "ledger.db")},
         }
-        proc = run(start_proxy(tmp, config, {"TEST_KIMI_KEY": KIMI_KEY}))
+        proc = ProxyProc.start(tmp, config, {"TEST_KIMI_KEY": KIMI_KEY})
         try:
             yield Served(proc.url, proc, {n: u.stats for n, u in ups.items()})
         finally:
-            assert proc.proc.returncode is None, f"proxy serve died:\n{proc.log_text()[-3000:]}"
-            run(proc.stop())
+            alive = proc.alive()
+            proc.terminate()
+            assert alive, f"proxy serve died:\n{proc.log_text()[-3000:]}"
     finally:
         for runner in runners:
             run(runner.cleanup())

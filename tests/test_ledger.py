@@ -24,6 +24,8 @@ from proxy.records import (
     Usage,
     UsageSource,
 )
+from tests.support.records import attempt as made_attempt
+from tests.support.records import call as made_call
 
 T0 = datetime(2026, 11, 26, 15, 4, 5, 123000, tzinfo=UTC).timestamp()
 
@@ -39,26 +41,12 @@ def impatient(db: Path) -> Ledger:
 
 
 def attempt(n: int, tier: str, outcome: AttemptOutcome = AttemptOutcome.OK, **kw: Any) -> AttemptRecord:
-    kw.setdefault("started_at", T0 + n)
-    kw.setdefault("duration_ms", 100.0)
-    return AttemptRecord(n=n, tier=tier, model=f"{tier}-model", outcome=outcome, **kw)
+    return made_attempt(n, tier, outcome, **{"started_at": T0 + n, "duration_ms": 100.0, **kw})
 
 
 def call(rid: str, tier: str | None = "llama", *, at: float = T0, **kw: Any) -> CallRecord:
     kw.setdefault("attempts", [attempt(1, tier or "llama", started_at=at, usage=kw.get("usage"))])
-    kw.setdefault("status", 200)
-    kw.setdefault("duration_ms", 250.0)
-    return CallRecord(
-        request_id=rid,
-        started_at=at,
-        route=kw.pop("route", Route.DEFAULT),
-        chain=("llama", "ollama", "kimi"),
-        stream=kw.pop("stream", False),
-        requested_model="auto",
-        tier=tier,
-        model=None if tier is None else f"{tier}-model",
-        **kw,
-    )
+    return made_call(rid, tier, at=at, **{"duration_ms": 250.0, **kw})
 
 
 def rows(db: Path, sql: str, *args: Any) -> list[sqlite3.Row]:

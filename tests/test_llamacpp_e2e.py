@@ -12,9 +12,10 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import closed_port_url, make_config
+from tests.conftest import make_config
 from tests.support.background import running_proxy
 from tests.support.llamacpp import LlamaCppServer
+from tests.support.proc import closed_port_url
 
 MESSAGES: list[Any] = [{"role": "user", "content": "the plan"}]
 # cache_prompt off: llama.cpp would otherwise report cached tokens on the second identical call

@@ -32,9 +32,7 @@ async def served(tmp_path: Path, aiohttp_server: Callable[..., Awaitable[TestSer
     }
     run = await start_proxy(tmp_path, config)
     yield Served(run, db, app[SIM_STATS], settings)
-    if run.proc.returncode is None:
-        run.proc.kill()
-        await run.proc.wait()
+    await asyncio.to_thread(run.kill)
 
 
 async def _refused(url: str) -> bool:
@@ -63,12 +61,12 @@ async def test_stop_signal_drains_in_flight_streams_and_every_row(served: Served
         tasks = [asyncio.create_task(call(i)) for i in range(n)]
         while served.stats.hits < n:  # every request is in flight upstream
             await asyncio.sleep(0.01)
-        served.proc.send_signal(sig)
+        served.run.signal(sig)
         while not await _refused(served.url):
             await asyncio.sleep(0.01)
         assert not all(t.done() for t in tasks), "new connections are refused while the calls in flight go on"
         bodies = await asyncio.gather(*tasks)
-    assert await asyncio.wait_for(served.proc.wait(), 10) == 0
+    assert await served.run.wait(10) == 0
     streams = [b for i, b in enumerate(bodies) if i % 2 == 0]
     assert all(b.endswith(b"data: [DONE]\n\n") for b in streams), "streams in flight at SIGTERM complete"
     with sqlite3.connect(served.db) as conn:

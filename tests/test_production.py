@@ -21,9 +21,9 @@ from proxy.ledger import Ledger
 from proxy.ops.reload import apply_config
 from proxy.ops.serve import _listen_host
 from proxy.sim import SIM_STATS, Behaviour, SimSettings, create_sim_app
-from tests.conftest import ProxyFactory, Upstream, closed_port_url, make_config, tier_config
+from tests.conftest import ProxyFactory, Upstream, make_config, tier_config
 from tests.support.faults import drip_until_closed
-from tests.support.proc import start_proxy
+from tests.support.proc import closed_port_url, start_proxy
 from tests.support.secret_scan import KIMI_PROCESS_KEY
 
 MSG = {"messages": [{"role": "user", "content": "plan"}]}
@@ -283,8 +283,8 @@ async def test_sighup_reloads_good_config_and_rejects_bad(
             url = f"{run.url}/v1/chat/completions"
             slow = asyncio.create_task(s.post(url, json={"model": "kimi", "stream": True, **MSG}))
             config["tiers"]["kimi"]["model"] = "kimi-k2.6"
-            run.config.write_text(yaml.safe_dump(config))
-            run.proc.send_signal(signal.SIGHUP)
+            run.config_path.write_text(yaml.safe_dump(config))
+            run.signal(signal.SIGHUP)
             for _ in range(100):
                 if "reloaded" in run.log_text():
                     break
@@ -295,8 +295,8 @@ async def test_sighup_reloads_good_config_and_rejects_bad(
             resp = await slow
             assert resp.status == 200 and (await resp.read()).endswith(b"data: [DONE]\n\n")
 
-            run.config.write_text("routing: {primary: nowhere}\n")
-            run.proc.send_signal(signal.SIGHUP)
+            run.config_path.write_text("routing: {primary: nowhere}\n")
+            run.signal(signal.SIGHUP)
             for _ in range(100):
                 if "reload rejected" in run.log_text():
                     break

@@ -19,6 +19,7 @@ from proxy.ledger.report_read import build_report
 from proxy.ledger.report_text import render_table, report_main
 from proxy.ledger.spill import import_main
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route, Usage
+from tests.support.records import attempt, call
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC).timestamp()
 TIERS: dict[str, dict[str, Any]] = {
@@ -34,22 +35,8 @@ def config(kimi_price: dict[str, str]) -> Config:
 
 
 def record(rid: str, tier: str | None, at: float, **kw: Any) -> CallRecord:
-    attempts = kw.pop("attempts", None)
-    if attempts is None:
-        attempts = [AttemptRecord(n=1, tier=tier or "llama", model="m", started_at=at, usage=kw.get("usage"))]
-    return CallRecord(
-        request_id=rid,
-        started_at=at,
-        route=kw.pop("route", Route.DEFAULT),
-        chain=("llama", "ollama", "kimi"),
-        stream=kw.pop("stream", False),
-        requested_model="auto",
-        tier=tier,
-        model=tier,
-        status=kw.pop("status", 200),
-        attempts=attempts,
-        **kw,
-    )
+    kw.setdefault("attempts", [attempt(1, tier or "llama", started_at=at, model="m", usage=kw.get("usage"))])
+    return call(rid, tier, at=at, model=tier, **kw)
 
 
 async def write(db: Path, cfg: Config, records: list[CallRecord]) -> None:

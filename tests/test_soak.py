@@ -32,9 +32,9 @@ import pytest
 
 from proxy.sim import Behaviour
 from tests.support.faults import (
+    KIMI_ENV,
     Answer,
     Observation,
-    ProxyProc,
     SimThread,
     chat,
     count_rows,
@@ -44,6 +44,7 @@ from tests.support.faults import (
     spill_lines,
     tiers_for,
 )
+from tests.support.proc import ProxyProc
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
 
@@ -192,7 +193,7 @@ async def test_soak_with_random_faults(tmp_path: Path, observe: Observation) -> 
             retries={"backoff_initial_seconds": 0.02, "backoff_max_seconds": 0.1, "request_deadline_seconds": DEADLINE},
             server={"shutdown_timeout_seconds": 10},
         )
-        proc = ProxyProc.start(tmp_path, config)
+        proc = ProxyProc.start(tmp_path, config, KIMI_ENV)
         try:
             url = proc.chat_url
             ports = [port_of(s.url) for s in sims.sims.values()]

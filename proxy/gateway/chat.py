@@ -63,7 +63,7 @@ async def post_chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 class _RecordCloser:
-    """Hands the record to the sink exactly once: before the response is built when possible,
+    """Hands the record to the ledger and metrics exactly once: before the response is built when possible,
     so the cost it adds shows in X-Proxy-Budget-Remaining; else when the handler ends."""
 
     __slots__ = ("done", "rec", "state", "t0")

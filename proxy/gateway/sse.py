@@ -63,7 +63,9 @@ class StreamWatch:
         return b""
 
     def _inspect(self, out: bytes) -> bytes:
-        n = out.count(_DATA)
+        # `out` starts at an event boundary; a `data:` elsewhere than at a line's start (in a
+        # comment) is not a field. CRLF lines count by their LF; CR-only lines by their CR.
+        n = out.count(b"\ndata:") + out.count(b"\rdata:") + out.startswith(_DATA)
         if not n:
             return out
         if self.first is None:

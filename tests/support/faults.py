@@ -6,8 +6,7 @@
   answer with raw bytes (`RawReply`) for faults aiohttp would never produce itself (a truncated
   SSE line, an HTML error page, an endless event), and `SimThread.blackhole()` accepts TCP
   connections and never reads from them.
-- `ProxyProc`: `proxy serve` as a real subprocess (stderr to a log file), with its RSS and
-  open file descriptors from /proc.
+- `proxy_config()`: the `proxy serve` (tests/support/proc.py) configuration in front of them.
 - `chat()`: one client request that records what came back (`Answer`), never raising.
 - Ledger reads that wait for the background writer (`ledger_rows`, `count_rows`).
 - `Observation`: what a test saw, appended as JSON lines to $RELIABILITY_OBSERVATIONS for the
@@ -20,15 +19,9 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable, Mapping
@@ -39,15 +32,14 @@ from typing import Any, TypeVar
 
 import aiohttp
 import orjson
-import yaml
 from aiohttp import web
 
 from proxy.sim import SIM_SETTINGS, SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
+from tests.support.proc import ProxyProc
 from tests.support.secret_scan import KIMI_KEY
 
-REPO = Path(__file__).resolve().parents[2]
 MSG = [{"role": "user", "content": "plan the next step"}]
-KIMI_ENV = {"TEST_KIMI_KEY": KIMI_KEY}
+KIMI_ENV = {"TEST_KIMI_KEY": KIMI_KEY}  # proxy_config's kimi tier reads its key from it
 OBSERVATIONS_ENV = "RELIABILITY_OBSERVATIONS"
 
 _T = TypeVar("_T")
@@ -285,17 +277,6 @@ class SimThread:
 # ---------------------------------------------------------------------------- the proxy process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def closed_port_url() -> str:
-    return f"http://127.0.0.1:{free_port()}/v1"
-
-
 def tiers_for(urls: Mapping[str, str], timeout: float = 0.5, **overrides: dict[str, Any]) -> dict[str, Any]:
     """llama, ollama and kimi (paid, keyed) at the given base URLs."""
     tiers: dict[str, Any] = {
@@ -339,113 +320,6 @@ def proxy_config(
     for name, values in sections.items():
         config[name] = {**config.get(name, {}), **values}
     return config
-
-
-@dataclass
-class ProxyProc:
-    """A `proxy serve` subprocess."""
-
-    popen: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    config_path: Path
-    db: Path
-
-    @classmethod
-    def start(
-        cls, workdir: Path, config: dict[str, Any], env: Mapping[str, str] | None = None, timeout: float = 15.0
-    ) -> ProxyProc:
-        workdir.mkdir(parents=True, exist_ok=True)
-        cfg = workdir / "proxy.yaml"
-        cfg.write_text(yaml.safe_dump(config, sort_keys=False))  # tier order is chain order
-        log = workdir / "proxy.log"
-        port = free_port()
-        with log.open("ab") as err:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "proxy", "serve", "--config", str(cfg), "--port", str(port)],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                cwd=REPO,
-                env={**os.environ, **KIMI_ENV, **(env or {})},
-            )
-        proc = cls(popen, f"http://127.0.0.1:{port}", log, cfg, Path(config["ledger"]["path"]))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if popen.poll() is not None:
-                break
-            try:
-                with urllib.request.urlopen(f"{proc.url}/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return proc
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.02)
-        proc.kill()
-        raise AssertionError(f"proxy did not start (rc={popen.returncode}):\n{proc.log_text()}")
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    @property
-    def chat_url(self) -> str:
-        return f"{self.url}/v1/chat/completions"
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def signal(self, sig: signal.Signals) -> None:
-        self.popen.send_signal(sig)
-
-    def terminate(self, timeout: float = 15.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-        return self.popen.wait(timeout)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(10)
-
-    def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS in /proc status")
-
-    def fd_count(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
-
-    def fds_by_peer(self, ports: Iterable[int]) -> tuple[int, int]:
-        """(open fds, of which TCP sockets connected to one of `ports`: the upstream keep-alive pool)."""
-        peers = _socket_peer_ports()
-        wanted = set(ports)
-        total = upstream = 0
-        for fd in os.listdir(f"/proc/{self.pid}/fd"):
-            total += 1
-            try:
-                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
-            except FileNotFoundError:
-                continue
-            if target.startswith("socket:[") and peers.get(int(target[8:-1])) in wanted:
-                upstream += 1
-        return total, upstream
-
-
-def _socket_peer_ports() -> dict[int, int]:
-    """socket inode -> remote port, for this network namespace's TCP sockets."""
-    out: dict[int, int] = {}
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(name).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            cols = line.split()
-            out[int(cols[9])] = int(cols[2].rsplit(":", 1)[1], 16)
-    return out
 
 
 def port_of(url: str) -> int:
