@@ -57,7 +57,6 @@ from tests.support.faults import (
     http_head,
     integrity,
     ledger_rows,
-    observation_for,
     openai_error,
     port_of,
     proxy_config,
@@ -67,6 +66,7 @@ from tests.support.faults import (
     summarize_ledger,
     wait_count,
 )
+from tests.support.faults import observe as observe  # a fixture, used by name
 from tests.support.proc import ProxyProc, closed_port_url, run_cli
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs Linux /proc")
@@ -110,13 +110,6 @@ def proxy(shared_proxy: ProxyProc, sims: SimThread) -> ProxyProc:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
-
-
-@pytest.fixture
-def observe(request: pytest.FixtureRequest) -> Iterator[Observation]:
-    obs = observation_for(request)
-    yield obs
-    obs.save()
 
 
 async def still_serves(session: aiohttp.ClientSession, proxy: ProxyProc, sims: SimThread) -> None:

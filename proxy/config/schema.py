@@ -98,6 +98,9 @@ class BudgetSpec(Strict, frozen=True):
     weekly_usd: Money | None = None
     monthly_usd: Money | None = None
     soft_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
+    # A paid call holds its worst-case cost while in flight; this many output tokens when the
+    # client sets neither max_completion_tokens nor max_tokens.
+    reserve_output_tokens: AtLeastOne = 4096
 
 
 def _default_tiers() -> dict[str, TierSpec]:

@@ -19,6 +19,7 @@ from proxy.gateway.body import ChatRequest, ask_for_usage, parse_chat_body
 from proxy.gateway.client_io import end_stream, read_body, start_stream
 from proxy.gateway.failover import ChainResult
 from proxy.gateway.routing import make_plan, parse_hints
+from proxy.gateway.spend import SpendGate, output_ceiling
 from proxy.gateway.state import CLIENT_KEY, STATE, ProxyState
 from proxy.gateway.upstream import Outbound, Reply, attempt, forwardable_headers
 from proxy.ops.logs import log_request
@@ -66,16 +67,19 @@ class _RecordCloser:
     """Hands the record to the ledger and metrics exactly once: before the response is built when possible,
     so the cost it adds shows in X-Proxy-Budget-Remaining; else when the handler ends."""
 
-    __slots__ = ("done", "rec", "state", "t0")
+    __slots__ = ("done", "rec", "spend", "state", "t0")
 
     def __init__(self, rec: CallRecord, state: ProxyState, t0: float) -> None:
         self.rec, self.state, self.t0, self.done = rec, state, t0, False
+        self.spend: SpendGate | None = None
 
     def __call__(self) -> None:
         if not self.done:
             self.done = True
             self.rec.duration_ms = (time.monotonic() - self.t0) * 1000.0
-            self.state.submit(self.rec)
+            self.state.submit(self.rec)  # the ledger adds its real cost to the budgets here...
+            if self.spend is not None:
+                self.spend.release()  # ... so its reservations can go
             log_request(self.rec)
 
 
@@ -108,9 +112,13 @@ async def _handle_chat(
         ) from None
     targets = state.targets  # a reload mid-request must not change where its attempts go
     committed: list[web.StreamResponse] = []
+    ceiling = output_ceiling(chat.payload, state.config.budgets.reserve_output_tokens)
+    spend = close.spend = SpendGate(state.budget, state.limits, key, chat.size, ceiling)
 
     async def commit(tier: Tier, arec: AttemptRecord) -> web.StreamResponse:
         rec.tier, rec.model, rec.ttft_ms = tier.id, arec.model, arec.ttft_ms
+        if spend.refused_by is not None:
+            rec.route = Route.BUDGET
         headers = _headers(rec, state, arec)
         headers["Content-Type"] = "text/event-stream; charset=utf-8"
         headers["Cache-Control"] = "no-cache"
@@ -123,7 +131,9 @@ async def _handle_chat(
     async def send(tier: Tier, arec: AttemptRecord, timeout: float) -> Reply:
         return await attempt(targets[tier.id], outbound, arec, timeout, commit if chat.stream else None)
 
-    result = await state.failover.run(plan, send, rec.attempts)
+    result = await state.failover.run(plan, send, rec.attempts, spend)
+    if result.over_budget:
+        rec.route = Route.BUDGET
     _finish_record(rec, result)
     if committed:
         if not await end_stream(committed[0]):

@@ -56,6 +56,7 @@ class ClientLimits:
 
     buckets: dict[str, _Bucket] = field(default_factory=dict)
     spend: dict[str, _Spend] = field(default_factory=dict)
+    reserved: dict[str, Decimal] = field(default_factory=dict)  # worst case of each key's paid calls in flight
 
     def admit(self, key: ClientKey | None, now: float) -> None:
         """Take one request from the key's bucket, or raise 429 saying when to come back."""
@@ -80,15 +81,42 @@ class ClientLimits:
     def check_spend(self, key: ClientKey | None, now: float) -> None:
         if key is None or key.daily_usd is None:
             return
+        if self._current(key.name, now).spent >= key.daily_usd:
+            raise self.exhausted(key, now)
+
+    def reserve(self, key: ClientKey | None, amount: Decimal, at: float) -> bool:
+        """Hold `amount` of the key's daily cap for an attempt about to be sent, unless today's
+        spend and what is already held use the cap up (the last call may pass it by its own
+        cost, as the budgets do); False holds nothing."""
+        if key is None or key.daily_usd is None:
+            return True
+        held = self.reserved.get(key.name, _ZERO)
+        if self._current(key.name, at).spent + held >= key.daily_usd:
+            return False
+        self.reserved[key.name] = held + amount
+        return True
+
+    def release(self, key: ClientKey | None, amount: Decimal) -> None:
+        if key is None or key.daily_usd is None:
+            return
+        left = self.reserved.get(key.name, _ZERO) - amount
+        if left > _ZERO:
+            self.reserved[key.name] = left
+        else:
+            self.reserved.pop(key.name, None)
+
+    def exhausted(self, key: ClientKey, now: float) -> RateLimited:
+        """The answer to a key whose daily cap is spent (or fully held by its calls in flight)."""
         spent = self._current(key.name, now).spent
-        if spent >= key.daily_usd:
-            wait = _seconds_to_midnight(now)
-            raise RateLimited(
-                f"Client {key.name!r} has spent its daily budget of ${key.daily_usd} (${spent:.6f}); "
-                f"it resets at 00:00 UTC, in {wait} s.",
-                code="daily_budget_exhausted",
-                headers={"Retry-After": str(wait)},
-            )
+        held = self.reserved.get(key.name, _ZERO)
+        in_flight = f" and ${held:.6f} held by calls in flight" if held else ""
+        wait = _seconds_to_midnight(now)
+        return RateLimited(
+            f"Client {key.name!r} has spent its daily budget of ${key.daily_usd} (${spent:.6f}{in_flight}); "
+            f"it resets at 00:00 UTC, in {wait} s.",
+            code="daily_budget_exhausted",
+            headers={"Retry-After": str(wait)},
+        )
 
     def record(self, client: str | None, cost: Decimal, at: float) -> None:
         if client is not None and cost:

@@ -13,9 +13,10 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from proxy.config import RetrySpec, Tier
-from proxy.errors import ChainFailed, Unavailable
+from proxy.errors import ChainFailed, ProxyError, Unavailable
 from proxy.gateway.breaker import BreakerBoard
 from proxy.gateway.routing import Plan
 from proxy.gateway.upstream import Reply
@@ -24,6 +25,19 @@ from proxy.records import AttemptOutcome, AttemptRecord
 log = logging.getLogger("proxy.failover")
 
 SendAttempt = Callable[[Tier, AttemptRecord, float], Awaitable[Reply]]
+
+
+class SpendHolds(Protocol):
+    """What the loop needs of the money gate (gateway/spend.py): a priced attempt is sent only
+    once its worst case is held, and holds only what it cost once it is over."""
+
+    def reserve(self, tier: Tier, n: int) -> bool: ...
+
+    def unhold(self, n: int) -> None: ...
+
+    def settle(self, tier: Tier, rec: AttemptRecord) -> None: ...
+
+    def refusal(self) -> ProxyError: ...
 
 
 class _Verdict(enum.Enum):
@@ -39,7 +53,8 @@ class ChainResult:
     tier: Tier | None = None  # the tier whose reply is returned
     reply: Reply | None = None  # success, a committed stream, or an upstream refusal passed on
     refused: bool = False  # reply is an upstream 4xx passed through as is
-    error: ChainFailed | Unavailable | None = None
+    error: ProxyError | None = None
+    over_budget: list[str] = field(default_factory=list)  # tiers left out: their worst case did not fit
 
 
 @dataclass(slots=True)
@@ -50,9 +65,16 @@ class Failover:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
-    async def run(self, plan: Plan, send: SendAttempt, attempts: list[AttemptRecord] | None = None) -> ChainResult:
+    async def run(
+        self,
+        plan: Plan,
+        send: SendAttempt,
+        attempts: list[AttemptRecord] | None = None,
+        spend: SpendHolds | None = None,
+    ) -> ChainResult:
         """Walk the chain. `attempts` (the caller's list) sees every attempt as it starts, so a
-        caller cancelled midway still knows what was tried."""
+        caller cancelled midway still knows what was tried. With `spend`, a tier whose attempt
+        cannot hold its worst-case cost is left out, as over budget."""
         result = ChainResult(attempts=attempts if attempts is not None else [])
         deadline = self.clock() + self.retries.request_deadline_seconds
         refusal: tuple[Tier, Reply] | None = None
@@ -66,9 +88,15 @@ class Failover:
                     return result
                 if tries and len(result.attempts) >= self.retries.max_total_retries:
                     break
-                if not plan.forced and not breaker.acquire(self.clock()):
+                n = len(result.attempts) + 1
+                if spend is not None and not spend.reserve(tier, n):
+                    result.over_budget.append(tier.id)
                     break
-                rec = AttemptRecord(n=len(result.attempts) + 1, tier=tier.id, model=tier.model, started_at=time.time())
+                if not plan.forced and not breaker.acquire(self.clock()):
+                    if spend is not None:
+                        spend.unhold(n)
+                    break
+                rec = AttemptRecord(n=n, tier=tier.id, model=tier.model, started_at=time.time())
                 result.attempts.append(rec)
                 tries += 1
                 try:
@@ -78,6 +106,8 @@ class Failover:
                     # breaker's half-open probe slot forever.
                     breaker.on_neutral()
                     raise
+                if spend is not None and not reply.committed:
+                    spend.settle(tier, rec)
                 verdict = _verdict(rec)
                 self._update_breaker(tier, rec, verdict)
                 if verdict is _Verdict.OK or reply.committed:
@@ -96,7 +126,10 @@ class Failover:
         if refusal is not None and all(_verdict(a) is _Verdict.REFUSED for a in result.attempts):
             result.tier, result.reply, result.refused = refusal[0], refusal[1], True
             return result
-        result.error = self._failed(result.attempts, deadline_hit=False)
+        if not result.attempts and result.over_budget and spend is not None:
+            result.error = spend.refusal()
+            return result
+        result.error = self._failed(result.attempts, deadline_hit=False, over_budget=result.over_budget)
         return result
 
     def _delay(self, tries: int, retry_after: float | None, deadline: float) -> float | None:
@@ -125,7 +158,9 @@ class Failover:
                 tier.api_key_env or "its api_key_env setting",
             )
 
-    def _failed(self, attempts: list[AttemptRecord], *, deadline_hit: bool) -> ChainFailed | Unavailable:
+    def _failed(
+        self, attempts: list[AttemptRecord], *, deadline_hit: bool, over_budget: list[str] | None = None
+    ) -> ChainFailed | Unavailable:
         if not attempts:
             return Unavailable(
                 "No tier could be tried: every tier's circuit breaker is open after repeated failures. Retry shortly.",
@@ -133,6 +168,8 @@ class Failover:
                 headers={"Retry-After": "1"},
             )
         steps = "; ".join(f"{a.tier} #{a.n}: {a.outcome.value} ({a.error})" for a in attempts)
+        if over_budget:
+            steps += "".join(f"; {t}: left out, over the spend budget" for t in over_budget)
         if deadline_hit:
             secs = self.retries.request_deadline_seconds
             return ChainFailed(

@@ -2,6 +2,10 @@
 
 Spend is counted from the ledger at start, so a restart does not reset a budget, and then
 kept current in memory from every priced record, before the ledger writer has flushed it.
+A paid attempt first reserves its worst-case cost (`reserve`), so calls in flight count
+before they are priced: a burst of concurrent calls cannot all pass a nearly spent budget.
+Spend is kept for every window, configured or not, so a reload that changes the limits keeps
+what was spent and reserved (`reconfigure`).
 """
 
 from __future__ import annotations
@@ -65,18 +69,25 @@ class BudgetState:
 
 
 class _BudgetWindow:
-    """Spend within the current period of one window; rolls over when time moves past it."""
+    """Spend within the current period of one window; rolls over when time moves past it.
+    `limit` is None while the window is not configured: its spend is still counted."""
 
     __slots__ = ("exhausted_logged", "limit", "name", "soft", "spent", "start", "warned")
 
-    def __init__(self, name: str, limit: Decimal, soft_ratio: float) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.limit = limit
-        self.soft = limit * Decimal(str(soft_ratio))
+        self.limit: Decimal | None = None
+        self.soft = ZERO
         self.start: date | None = None
         self.spent = ZERO
         self.warned = False
         self.exhausted_logged = False
+
+    def set_limit(self, limit: Decimal | None, soft_ratio: float) -> None:
+        if limit != self.limit:
+            self.warned = self.exhausted_logged = False
+        self.limit = limit
+        self.soft = ZERO if limit is None else limit * Decimal(str(soft_ratio))
 
     def current(self, at: float) -> date:
         start = window_start(self.name, at)
@@ -96,6 +107,8 @@ class _BudgetWindow:
         self.check()
 
     def check(self) -> None:
+        if self.limit is None:
+            return
         if not self.warned and self.spent >= self.soft:
             self.warned = True
             log.warning(
@@ -120,6 +133,7 @@ class _BudgetWindow:
         return next_window_start(self.name, self.start).isoformat()
 
     def state(self, now: float) -> WindowState:
+        assert self.limit is not None, "only configured windows have a state"
         start = self.current(now)
         remaining = max(self.limit - self.spent, ZERO)
         return WindowState(
@@ -146,10 +160,17 @@ class BudgetTracker:
     """
 
     def __init__(self, spec: BudgetSpec) -> None:
+        self._all = tuple(_BudgetWindow(name) for name in WINDOWS)
+        self._windows: tuple[_BudgetWindow, ...] = ()
+        self.reserved = ZERO  # worst-case cost of the paid attempts in flight
+        self.reconfigure(spec)
+
+    def reconfigure(self, spec: BudgetSpec) -> None:
+        """New limits (a reload); what was spent and what is reserved carry over."""
         limits = {"daily": spec.daily_usd, "weekly": spec.weekly_usd, "monthly": spec.monthly_usd}
-        self._windows = tuple(
-            _BudgetWindow(name, limit, spec.soft_ratio) for name, limit in limits.items() if limit is not None
-        )
+        for w in self._all:
+            w.set_limit(limits[w.name], spec.soft_ratio)
+        self._windows = tuple(w for w in self._all if w.limit is not None)
 
     @property
     def configured(self) -> bool:
@@ -162,14 +183,30 @@ class BudgetTracker:
         the app calls it after `Ledger.start` and before it serves.
         """
         at = datetime.now(UTC).timestamp() if now is None else now
-        for w in self._windows:
+        for w in self._all:
             start = w.current(at)
             w.spent += await source.spend_since(start.isoformat())
             w.check()
 
     def record(self, cost: Decimal, at: float) -> None:
-        for w in self._windows:
+        for w in self._all:
             w.add(cost, at)
+
+    def reserve(self, amount: Decimal, at: float) -> bool:
+        """Hold `amount` for an attempt about to be sent, if no window is used up by what is
+        spent and already held; False leaves nothing held. As without calls in flight, the
+        last call may pass the limit by its own cost: a budget is exceeded by at most one call."""
+        for w in self._windows:
+            w.current(at)
+            assert w.limit is not None
+            if w.spent + self.reserved >= w.limit:
+                return False
+        self.reserved += amount
+        return True
+
+    def release(self, amount: Decimal) -> None:
+        """Give back a reservation, once the attempt's real cost has been `record`ed."""
+        self.reserved = max(self.reserved - amount, ZERO)
 
     def paid_allowed(self, now: float) -> bool:
         return all(w.state(now).remaining > ZERO for w in self._windows)

@@ -9,31 +9,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from proxy.config import Config, ConfigError, load_config
 from proxy.gateway.state import STATE, ProxyState
-from proxy.ledger import StoreError
-from proxy.ledger.budget import BudgetTracker
 
 log = logging.getLogger("proxy.reload")
 
 
 async def apply_config(state: ProxyState, config: Config) -> None:
-    """Swap in a validated config; breaker, rate-limit and spend state carry over."""
-    budget = BudgetTracker(config.budgets)
+    """Swap in a validated config; breaker, rate-limit and spend state carry over: the budget
+    keeps what was spent (written to the ledger or not) and what calls in flight hold."""
     if state.ledger is not None:
-        try:
-            await budget.load(state.ledger, time.time())
-        except StoreError as e:
-            log.error("reload: cannot read spend from the ledger (%s); the new budget counts from 0", e)
         state.ledger.reconfigure(config)
+    state.budget.reconfigure(config.budgets)
     state.breakers.reconfigure(config.routing)
     state.failover.retries = config.retries
-    state.budget = budget
     state.config = config
     if state.session is not None:
         state.build_targets()

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 
 from proxy.sim import SIM_SETTINGS, SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
@@ -499,6 +500,14 @@ def spill_lines(db: Path) -> int:
     if not path.exists():
         return 0
     return sum(1 for line in path.read_bytes().splitlines() if line.strip())
+
+
+@pytest.fixture
+def observe(request: pytest.FixtureRequest) -> Iterator[Observation]:
+    """The case's Observation, saved at teardown (import this fixture into a test module)."""
+    obs = observation_for(request)
+    yield obs
+    obs.save()
 
 
 def observation_for(request: Any) -> Observation:
