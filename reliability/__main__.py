@@ -1,6 +1,6 @@
 """`python -m reliability [--output RELIABILITY.md] [--soak-requests N] [--artifacts DIR]`
 
-Runs `pytest tests/test_faults.py tests/test_soak.py [tests/test_fuzz.py]` with --junitxml and
+Runs `pytest tests/test_faults.py tests/test_adversarial.py tests/test_soak.py [tests/test_fuzz.py]` with --junitxml and
 the environment variables the tests write their details to, then renders RELIABILITY.md. The
 exit code is pytest's: the report is written either way.
 """

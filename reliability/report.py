@@ -24,6 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from reliability.adversarial import ADVERSARIAL
+from reliability.adversarial import section as adversarial_section
+
 REPO = Path(__file__).resolve().parents[1]
 FAULTS = "tests/test_faults.py"
 SOAK = "tests/test_soak.py"
@@ -89,7 +92,7 @@ def run_suite(artifacts: Path | None, soak_requests: int | None, extra: list[str
         junit = out / "junit.xml"
         for p in (*paths.values(), observations, junit):
             p.unlink(missing_ok=True)
-        files = [FAULTS, SOAK]
+        files = [FAULTS, ADVERSARIAL, SOAK]
         fuzz_present = (REPO / FUZZ).exists()
         if fuzz_present:
             files.append(FUZZ)
@@ -221,7 +224,8 @@ def render(run: Run) -> str:
     add(
         "Regenerate with **`python -m reliability`** from the repository root (test extras installed: "
         "`pip install -e '.[test]'`; Linux; root for the read-only, disk-full and tmpfs cases, which are "
-        "skipped otherwise). It runs `tests/test_faults.py`, `tests/test_soak.py` and, when it exists, "
+        "skipped otherwise). It runs `tests/test_faults.py`, `tests/test_adversarial.py`, `tests/test_soak.py` and, "
+        "when it exists, "
         "`tests/test_fuzz.py` against the real `proxy serve` process and rewrites this file. A longer soak: "
         "`python -m reliability --soak-requests 100000`."
     )
@@ -274,6 +278,7 @@ def render(run: Run) -> str:
                 f"| {_cell(_hits(obs.get('hits', {})))} | {_cell(obs.get('ledger', ''))} |"
             )
         add("")
+    adversarial_section(run.cases, run.observations, add)
     _soak(run, add)
     _fuzz(run, add)
     return "\n".join(lines).rstrip() + "\n"
