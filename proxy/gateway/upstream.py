@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from proxy.config import Tier
-from proxy.gateway.relay import relay_stream
+from proxy.gateway.relay import StreamLimits, relay_stream
 from proxy.gateway.sse import StreamWatch
 from proxy.gateway.usage import estimate_tokens, estimate_usage, parse_usage
 from proxy.records import AttemptOutcome, AttemptRecord, UsageSource
@@ -152,8 +152,8 @@ async def attempt(target: Target, out: Outbound, rec: AttemptRecord, timeout: fl
     except aiohttp.ClientError as e:
         rec.fail(AttemptOutcome.CONNECT_ERROR, f"{type(e).__name__}: {e}")
     except asyncio.CancelledError:
-        rec.outcome = AttemptOutcome.CANCELLED
-        rec.error = "client disconnected"
+        if rec.outcome is not AttemptOutcome.CANCELLED:  # else the relay said why (e.g. it stopped reading)
+            rec.outcome, rec.error = AttemptOutcome.CANCELLED, "client disconnected"
         raise
     finally:
         rec.duration_ms = (time.monotonic() - t0) * 1000.0
@@ -282,7 +282,8 @@ async def _stream(
         deadline.reschedule(None)
         client = await commit(tier, rec)
         try:
-            await relay_stream(resp, client, watch, pending, rec, tier.stream_idle_timeout)
+            limits = StreamLimits(tier.stream_idle_timeout, target.max_response_bytes, tier.stream_max)
+            await relay_stream(resp, client, watch, pending, rec, limits)
         finally:
             # Some servers send no usage in streams, and a cut stream still cost something:
             # count the events rather than charge nothing.
