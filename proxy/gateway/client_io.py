@@ -12,7 +12,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -127,10 +130,17 @@ async def end_stream(resp: web.StreamResponse) -> bool:
 
 def _cut(sink: _Sink) -> None:
     """Drop a client that stopped reading. Closing would wait for it to read what is buffered,
-    which holds the socket and its buffers for as long as the client likes: abort instead."""
+    which holds the socket and its buffers for as long as the client likes: abort instead, with
+    a zero linger so the kernel resets the connection rather than keep sending its send buffer
+    (megabytes on a fast link) to a reader that may never come back."""
     transport = sink.request.transport
-    if transport is not None:
-        transport.abort()
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 @web.middleware
