@@ -17,7 +17,7 @@ from aiohttp import web
 
 from proxy.errors import error_json
 from proxy.gateway.client_io import ClientGone, write
-from proxy.gateway.sse import StreamWatch
+from proxy.gateway.sse import StreamWatch, events_within
 from proxy.records import AttemptOutcome, AttemptRecord
 
 # Why a relay stopped early: the attempt's outcome and its error, in words.
@@ -76,12 +76,14 @@ async def _pump(
     eof = False
     while True:
         if data:
-            sent += len(data)
-            if sent > limits.max_bytes:
+            if sent + len(data) > limits.max_bytes:
+                # The events that still fit go out, so the client gets up to the limit, then the error.
+                await write(client, events_within(data, limits.max_bytes - sent))
                 return AttemptOutcome.BAD_RESPONSE, (
                     f"the stream grew past {limits.max_bytes} bytes (server.max_response_bytes);"
                     " ask for a shorter answer (max_tokens) or raise that limit"
                 )
+            sent += len(data)
             before = loop.time()
             await write(client, data)
             now = loop.time()
