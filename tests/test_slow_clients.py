@@ -8,17 +8,23 @@ proxy's writes really block; the streams are megabytes, more than every buffer i
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from proxy.gateway.state import STATE
 from proxy.sim import Behaviour
 from tests.conftest import ProxyFactory, Upstream, tier_config
 from tests.support.faults import ledger_rows
+from tests.support.proc import start_proxy
 
 IDLE = 0.15  # the tier's stream_idle_timeout_seconds
 PAUSE = 0.45  # a slow reader's pause: three idle timeouts, well under the write timeout
@@ -177,3 +183,72 @@ async def test_clients_that_stop_reading_are_cut_and_recorded_as_gone(
     )
     assert resp.status == 200 and resp.headers["X-Proxy-Tier"] == "llama"
     assert (upstreams["ollama"].hits, upstreams["kimi"].hits) == (0, 0)
+
+
+def _hwm_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM in /proc status")
+
+
+async def test_huge_answers_are_refused_without_holding_them(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], tmp_path: Path
+) -> None:
+    """20 MiB answers against max_response_bytes 1 MiB, sent with Content-Length, chunked, and
+    gzip-compressed (whose Content-Length is tiny): each refused, and the proxy's peak RSS grows by
+    less than one body."""
+    size = 20 * 1024 * 1024
+    doc = orjson.dumps({"object": "chat.completion", "choices": [{"message": {"content": "x" * size}}]})
+    packed = gzip.compress(doc, 1)
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        kind = request.headers.get("X-Kind", "length")
+        if kind == "length":
+            return web.Response(body=doc, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if kind == "gzip":
+            resp.headers["Content-Encoding"] = "gzip"
+            resp.content_length = len(packed)
+            await resp.prepare(request)
+            await resp.write(packed)
+        else:
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, len(doc), 1 << 20):
+                await resp.write(doc[i : i + (1 << 20)])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    upstream = await aiohttp_server(app)
+    base = str(upstream.make_url("/v1"))
+    tiers = {"llama": {"base_url": base, "model": "m", "timeout_seconds": 5}}
+    config = {
+        "tiers": tiers,
+        "routing": {"primary": "llama", "escalate_after_failures": 1000},
+        "retries": {"max_fallback_retries": 1, "max_total_retries": 1},
+        "server": {"max_response_bytes": 1024 * 1024},
+        "ledger": {"path": str(tmp_path / "ledger.db")},
+    }
+    proc = await start_proxy(tmp_path, config)
+    try:
+        async with aiohttp.ClientSession() as s:
+
+            async def call(kind: str) -> tuple[int, str]:
+                msg = {"model": "auto", "messages": [{"role": "user", "content": "x"}]}
+                async with s.post(proc.chat_url, json=msg, headers={"X-Kind": kind}) as r:
+                    doc = await r.json()
+                    return r.status, str(doc.get("error", {}).get("message", doc)[:200])
+
+            await call("length")  # warm up: imports, pools
+            before = _hwm_kb(proc.pid)
+            for kind in ("length", "chunked", "gzip"):
+                results = await asyncio.gather(*(call(kind) for _ in range(3)))
+                for status, message in results:
+                    assert status == 502 and "too large" in message, (kind, status, message)
+            grown = (_hwm_kb(proc.pid) - before) * 1024
+        assert grown < size, f"peak RSS grew by {grown / 2**20:.1f} MiB for 20 MiB answers refused at 1 MiB"
+    finally:
+        await proc.stop()
