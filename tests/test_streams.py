@@ -147,3 +147,52 @@ async def test_client_leaving_mid_stream_cancels_upstream(
         await asyncio.sleep(0.02)
     assert upstreams["llama"].stats.active == 0
     assert upstreams["llama"].stats.cancelled == 1
+
+
+async def test_stream_larger_than_max_response_bytes_ends_with_error_event(
+    make_proxy: ProxyFactory, upstreams: dict[str, Upstream]
+) -> None:
+    # 5000 events of ~200 bytes, each far below the limit: only the whole stream passes it
+    upstreams["llama"].always(Behaviour(chunks=5000, chunk_delay=0.0))
+    limit = 64 * 1024
+    client = await make_proxy(server={"max_response_bytes": limit})
+    resp = await client.post("/v1/chat/completions", json=stream_body())
+    assert resp.status == 200
+    raw = await resp.read()
+    evs = data_events(raw)
+    assert evs[-1]["error"]["code"] == "stream_interrupted"
+    assert "server.max_response_bytes" in evs[-1]["error"]["message"]
+    assert b"[DONE]" not in raw
+    assert limit - 4096 < len(raw) <= limit + 1024, len(raw)
+    for _ in range(50):
+        if upstreams["llama"].stats.active == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert upstreams["llama"].stats.active == 0, "the upstream is no longer read"
+    assert upstreams["ollama"].hits == 0, "no failover after commit"
+
+
+async def test_stream_within_max_response_bytes_is_whole(
+    make_proxy: ProxyFactory, upstreams: dict[str, Upstream]
+) -> None:
+    upstreams["llama"].always(Behaviour(chunks=200))
+    client = await make_proxy(server={"max_response_bytes": 64 * 1024})
+    resp = await client.post("/v1/chat/completions", json=stream_body())
+    assert data_events(await resp.read())[-1] == b"[DONE]"
+
+
+async def test_stream_max_seconds_caps_an_endless_stream(
+    make_proxy: ProxyFactory, upstreams: dict[str, Upstream]
+) -> None:
+    # an event every 20 ms never trips the idle timeout; only the duration cap ends it
+    upstreams["llama"].always(Behaviour(chunks=1000, chunk_delay=0.02))
+    tiers = tier_config(upstreams, llama={"stream_idle_timeout_seconds": 0.5, "stream_max_seconds": 0.3})
+    client = await make_proxy(tiers=tiers)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    resp = await client.post("/v1/chat/completions", json=stream_body())
+    evs = data_events(await resp.read())
+    assert 0.3 <= loop.time() - t0 < 0.8
+    assert len(evs) > 5, "events flowed until the cap"
+    assert evs[-1]["error"]["code"] == "stream_interrupted"
+    assert "stream_max_seconds" in evs[-1]["error"]["message"]

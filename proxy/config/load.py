@@ -114,6 +114,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
                 aliases=tuple(ts.aliases),
                 timeout=ts.timeout_seconds,
                 stream_idle_timeout=ts.stream_idle_timeout_seconds,
+                stream_max=ts.stream_max_seconds,
                 connect_timeout=ts.connect_timeout_seconds,
                 max_connections=ts.max_connections,
                 price=_price(source, tier_id, ts.price),

@@ -32,6 +32,7 @@ class Tier:
     api_key_env: str | None
     api_key: str | None = field(default=None, repr=False)
     skip_reason: str | None = None  # set when the tier cannot be used (disabled, no key)
+    stream_max: float | None = None  # cap on a stream after its first event; None: no cap
 
     @property
     def usable(self) -> bool:

@@ -38,6 +38,9 @@ class TierSpec(Strict, frozen=True):
     aliases: list[str] = []
     timeout_seconds: Positive = 30.0
     stream_idle_timeout_seconds: Positive = 30.0
+    # Optional cap on a whole stream after its first event (time spent waiting for a slow
+    # client does not count); None: a stream may last as long as its events keep coming.
+    stream_max_seconds: Positive | None = None
     connect_timeout_seconds: Positive = 5.0
     max_connections: AtLeastOne = 256
     price: PriceSpec = PriceSpec()
@@ -70,6 +73,9 @@ class ServerSpec(Strict, frozen=True):
     # A connection must send a complete request head within this of opening or of its previous
     # response, else it is closed: idle keep-alive connections and slowloris clients alike.
     idle_timeout_seconds: Positive = 30.0
+    # A streaming client must accept each write within this, else it is cut: the call is recorded as
+    # client_cancelled and the tier's attempt as cancelled, never as the tier's failure.
+    client_write_timeout_seconds: Positive = 30.0
 
 
 class ClientKeySpec(Strict, frozen=True):

@@ -58,6 +58,8 @@ async def post_chat_completions(request: web.Request) -> web.StreamResponse:
         if rec.attempts:  # what the abandoned attempt had used is still owed
             last = rec.attempts[-1]
             rec.usage = rec.usage or last.usage
+            if last.outcome is AttemptOutcome.CANCELLED and last.error:
+                rec.error = last.error  # e.g. the client stopped reading, rather than left
         raise
     finally:
         close()
@@ -125,7 +127,7 @@ async def _handle_chat(
         resp = web.StreamResponse(status=200, headers=headers)
         committed.append(resp)
         # A client that left before the first event reached it cancels the request: that is not the tier's failure.
-        await start_stream(resp, request)
+        await start_stream(resp, request, state.config.server)
         return resp
 
     async def send(tier: Tier, arec: AttemptRecord, timeout: float) -> Reply:

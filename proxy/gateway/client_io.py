@@ -1,8 +1,9 @@
 """The client side of a request: the one place where errors of our client's connection become ours.
 
 - reading the body: too large, an unreadable encoding, too slow -> 413 / 400 / 408
-- writing to the client: it went away -> `ClientGone`, or a cancellation of the request (a
-  client that leaves is not a failure of the tier that was answering it)
+- writing to the client: it went away, or stopped reading for `client_write_timeout_seconds`
+  -> `ClientGone` (`ClientTooSlow`), or a cancellation of the request (a client that leaves or
+  stalls is not a failure of the tier that was answering it)
 - what aiohttp raises or refuses around the handlers: its HTTP errors (404 / 405 / 413), an
   `Expect` other than 100-continue, a request its parser cannot read -> our errors, in
   OpenAI's format like every other error
@@ -11,8 +12,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import HttpVersion11, web
@@ -38,6 +43,24 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class ClientGone(Exception):
     """Writing to our client failed: it went away mid-stream."""
 
+    def __init__(self, reason: str = "client disconnected mid-stream") -> None:
+        super().__init__(reason)
+
+
+class ClientTooSlow(ClientGone):
+    """The client stopped reading: one write could not be handed to its socket within the timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Sink:
+    """What a committed stream needs to cut its client: the request (for its transport) and the timeout."""
+
+    request: web.BaseRequest
+    write_timeout: float
+
+
+_SINK = web.ResponseKey("proxy_client_sink", _Sink)
+
 
 async def read_body(request: web.Request, server: ServerSpec) -> bytes:
     try:
@@ -59,8 +82,10 @@ async def read_body(request: web.Request, server: ServerSpec) -> bytes:
         ) from None
 
 
-async def start_stream(resp: web.StreamResponse, request: web.Request) -> None:
-    """Send the status line and headers; a client already gone cancels the request."""
+async def start_stream(resp: web.StreamResponse, request: web.Request, server: ServerSpec) -> None:
+    """Send the status line and headers; a client already gone cancels the request. Later writes
+    to `resp` (`write`, `end_stream`) wait at most `server.client_write_timeout_seconds` each."""
+    resp[_SINK] = _Sink(request, server.client_write_timeout_seconds)
     try:
         await resp.prepare(request)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -68,23 +93,54 @@ async def start_stream(resp: web.StreamResponse, request: web.Request) -> None:
 
 
 async def write(client: web.StreamResponse, data: bytes) -> None:
-    """Raises ClientGone when the client has left."""
+    """Raises ClientGone when the client has left, ClientTooSlow (and cuts it) when it does not
+    take the bytes in time: a write blocks while the client's socket buffer is full."""
     if not data:
         return
+    sink = client.get(_SINK)
     try:
-        await client.write(data)
+        async with asyncio.timeout(sink.write_timeout if sink is not None else None):
+            await client.write(data)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError) as e:
         raise ClientGone from e
+    except TimeoutError:
+        assert sink is not None  # no timeout without a sink
+        _cut(sink)
+        raise ClientTooSlow(
+            f"client stopped reading the stream: a write waited over {sink.write_timeout:g} s"
+            " (server.client_write_timeout_seconds)"
+        ) from None
 
 
 async def end_stream(resp: web.StreamResponse) -> bool:
     """Finish a stream; False when the client left right after the last event (it got the
-    answer, but not cleanly)."""
+    answer, but not cleanly), or did not read its end in time."""
+    sink = resp.get(_SINK)
     try:
-        await resp.write_eof()
+        async with asyncio.timeout(sink.write_timeout if sink is not None else None):
+            await resp.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         return False
+    except TimeoutError:
+        assert sink is not None
+        _cut(sink)
+        return False
     return True
+
+
+def _cut(sink: _Sink) -> None:
+    """Drop a client that stopped reading. Closing would wait for it to read what is buffered,
+    which holds the socket and its buffers for as long as the client likes: abort instead, with
+    a zero linger so the kernel resets the connection rather than keep sending its send buffer
+    (megabytes on a fast link) to a reader that may never come back."""
+    transport = sink.request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 @web.middleware

@@ -1,17 +1,34 @@
 """Relaying a committed stream to the client: bytes as they came, and an error event at the end
-when the upstream fails after the status line went out (nothing can be retried then)."""
+when the upstream fails after the status line went out (nothing can be retried then).
+
+Only time spent waiting for the upstream counts against it (its idle timeout, the stream's
+duration cap): while a write waits for a slow client, the upstream is not being asked for
+anything. The client's own bound is the write timeout in client_io.write.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
 from proxy.errors import error_json
 from proxy.gateway.client_io import ClientGone, write
-from proxy.gateway.sse import StreamWatch
+from proxy.gateway.sse import StreamWatch, events_within
 from proxy.records import AttemptOutcome, AttemptRecord
+
+# Why a relay stopped early: the attempt's outcome and its error, in words.
+Cut = tuple[AttemptOutcome, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    idle: float  # longest wait for the upstream's next event
+    max_bytes: int  # the whole stream as relayed to the client (server.max_response_bytes)
+    max_seconds: float | None = None  # the stream after its first event, client reading time excluded
 
 
 async def relay_stream(
@@ -20,30 +37,20 @@ async def relay_stream(
     watch: StreamWatch,
     pending: bytes,
     rec: AttemptRecord,
-    idle: float,
+    limits: StreamLimits,
 ) -> None:
     """After commit nothing may be retried: failures end the client's stream with an error event."""
-    loop = asyncio.get_running_loop()
     try:
-        await write(client, pending)
-        async with asyncio.timeout(idle) as gap:
-            async for chunk in resp.content.iter_any():
-                data = watch.feed(chunk)
-                if data:
-                    gap.reschedule(loop.time() + idle)
-                    await write(client, data)
-                elif watch.overflow:
-                    break
-        await write(client, watch.finish())
-    except TimeoutError:
-        rec.fail(AttemptOutcome.TIMEOUT, f"stream stalled: no event for {idle:.3g}s")
+        cut = await _pump(resp, client, watch, pending, limits)
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
         rec.fail(AttemptOutcome.CONNECT_ERROR, f"connection lost mid-stream: {type(e).__name__}")
-    except ClientGone:
-        rec.fail(AttemptOutcome.CANCELLED, "client disconnected mid-stream")
+    except ClientGone as e:
+        rec.fail(AttemptOutcome.CANCELLED, str(e))
         raise asyncio.CancelledError from None
     else:
-        if watch.overflow:
+        if cut is not None:
+            rec.fail(*cut)
+        elif watch.overflow:
             rec.fail(AttemptOutcome.BAD_RESPONSE, f"stream event too large (over {watch.max_event_bytes} bytes)")
         elif watch.error:
             rec.fail(AttemptOutcome.BAD_RESPONSE, f"upstream error in stream: {watch.error}")
@@ -53,9 +60,52 @@ async def relay_stream(
             rec.fail(AttemptOutcome.BAD_RESPONSE, "upstream stream ended without [DONE]")
         else:
             rec.outcome = AttemptOutcome.OK
-        if rec.outcome is AttemptOutcome.OK or (watch.error and not watch.overflow):
+        if rec.outcome is AttemptOutcome.OK or (cut is None and watch.error and not watch.overflow):
             return  # an upstream error event was already passed on as it came
     await _end_with_error(client, rec.error or "stream interrupted")
+
+
+async def _pump(
+    resp: aiohttp.ClientResponse, client: web.StreamResponse, watch: StreamWatch, data: bytes, limits: StreamLimits
+) -> Cut | None:
+    """Relay until the upstream ends (None) or a limit cuts the stream (why)."""
+    loop = asyncio.get_running_loop()
+    end = math.inf if limits.max_seconds is None else loop.time() + limits.max_seconds
+    idle_at = loop.time() + limits.idle
+    sent = 0
+    eof = False
+    while True:
+        if data:
+            if sent + len(data) > limits.max_bytes:
+                # The events that still fit go out, so the client gets up to the limit, then the error.
+                await write(client, events_within(data, limits.max_bytes - sent))
+                return AttemptOutcome.BAD_RESPONSE, (
+                    f"the stream grew past {limits.max_bytes} bytes (server.max_response_bytes);"
+                    " ask for a shorter answer (max_tokens) or raise that limit"
+                )
+            sent += len(data)
+            before = loop.time()
+            await write(client, data)
+            now = loop.time()
+            end += now - before  # the client's reading time is not the upstream's
+            idle_at = now + limits.idle
+        if eof or watch.overflow:
+            return None
+        stalled = idle_at <= end
+        try:
+            async with asyncio.timeout_at(min(idle_at, end)):
+                chunk = await resp.content.readany()
+        except TimeoutError:
+            if stalled:
+                return AttemptOutcome.TIMEOUT, f"stream stalled: no event for {limits.idle:.3g}s"
+            return AttemptOutcome.TIMEOUT, (
+                f"stream ran past the tier's stream_max_seconds ({limits.max_seconds:g}s);"
+                " ask for a shorter answer (max_tokens) or raise that limit"
+            )
+        if chunk:
+            data = watch.feed(chunk)
+        else:
+            eof, data = True, watch.finish()
 
 
 async def _end_with_error(client: web.StreamResponse, message: str) -> None:

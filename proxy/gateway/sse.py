@@ -130,6 +130,11 @@ class StreamWatch:
         return isinstance(self.first, dict) and isinstance(self.first.get("choices"), list)
 
 
+def events_within(out: bytes, size: int) -> bytes:
+    """The complete events among the first `size` bytes of `out` (which starts at a boundary)."""
+    return out[: _last_boundary(out[:size])]
+
+
 def _last_boundary(buf: bytes) -> int:
     lf = buf.rfind(b"\n\n")
     crlf = buf.rfind(b"\r\n\r\n")

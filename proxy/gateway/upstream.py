@@ -20,7 +20,7 @@ import orjson
 from aiohttp import web
 
 from proxy.config import Tier
-from proxy.gateway.relay import relay_stream
+from proxy.gateway.relay import StreamLimits, relay_stream
 from proxy.gateway.sse import StreamWatch
 from proxy.gateway.usage import estimate_tokens, estimate_usage, parse_usage
 from proxy.records import AttemptOutcome, AttemptRecord, UsageSource
@@ -95,7 +95,7 @@ def forwardable_headers(headers: Any) -> dict[str, str]:
 
 @dataclass(slots=True)
 class Reply:
-    body: bytes | None = None
+    body: bytes | bytearray | None = None  # a bytearray when read from upstream: held once, not copied
     content_type: str | None = None
     retry_after: float | None = None
     committed: bool = False
@@ -152,8 +152,8 @@ async def attempt(target: Target, out: Outbound, rec: AttemptRecord, timeout: fl
     except aiohttp.ClientError as e:
         rec.fail(AttemptOutcome.CONNECT_ERROR, f"{type(e).__name__}: {e}")
     except asyncio.CancelledError:
-        rec.outcome = AttemptOutcome.CANCELLED
-        rec.error = "client disconnected"
+        if rec.outcome is not AttemptOutcome.CANCELLED:  # else the relay said why (e.g. it stopped reading)
+            rec.outcome, rec.error = AttemptOutcome.CANCELLED, "client disconnected"
         raise
     finally:
         rec.duration_ms = (time.monotonic() - t0) * 1000.0
@@ -166,11 +166,11 @@ async def _unary(target: Target, out: Outbound, rec: AttemptRecord, timeout: flo
         body = await _read_limited(resp, target.max_response_bytes)
         content_type = resp.headers.get("Content-Type", "application/json")
         if resp.status >= 300:
-            return _http_error(rec, resp, body)
+            return _http_error(rec, resp, _frozen(body))
     return _check_completion(rec, body, content_type, out)
 
 
-def _check_completion(rec: AttemptRecord, body: bytes | None, content_type: str, out: Outbound) -> Reply:
+def _check_completion(rec: AttemptRecord, body: bytearray | None, content_type: str, out: Outbound) -> Reply:
     if body is None:
         rec.fail(AttemptOutcome.BAD_RESPONSE, "response body too large")
         return Reply()
@@ -192,17 +192,24 @@ def _check_completion(rec: AttemptRecord, body: bytes | None, content_type: str,
     return Reply(body=body, content_type=content_type)
 
 
-async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    if resp.content_length is not None:
-        return await resp.read() if resp.content_length <= limit else None
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():
-        size += len(chunk)
-        if size > limit:
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytearray | None:
+    """The body, or None once it passes `limit` bytes (nothing past that is read). One buffer
+    grows in place, so a large answer is held once, not as chunks plus their join; it is passed
+    on as it is (orjson and the response writer take a bytearray without copying it). The
+    decoded size counts: Content-Length is the wire size, which a compressed body passes by far."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    body = bytearray()
+    while chunk := await resp.content.readany():
+        if len(body) + len(chunk) > limit:
             return None
-        parts.append(chunk)
-    return b"".join(parts)
+        body += chunk
+    return body
+
+
+def _frozen(body: bytearray | None) -> bytes | None:
+    # Error bodies are few and usually small; a copy keeps _http_error's bytes contract.
+    return bytes(body) if body is not None else None
 
 
 def _http_error(rec: AttemptRecord, resp: aiohttp.ClientResponse, body: bytes | None) -> Reply:
@@ -257,7 +264,7 @@ async def _stream(
     async with asyncio.timeout(timeout) as deadline, target.gate, target.post(out) as resp:
         rec.http_status = resp.status
         if resp.status >= 300:
-            return _http_error(rec, resp, await _read_limited(resp, target.max_response_bytes))
+            return _http_error(rec, resp, _frozen(await _read_limited(resp, target.max_response_bytes)))
         content_type = resp.headers.get("Content-Type", "")
         if not content_type.startswith("text/event-stream"):
             rec.fail(AttemptOutcome.BAD_RESPONSE, f"expected an event stream, got {content_type or 'none'}")
@@ -282,7 +289,8 @@ async def _stream(
         deadline.reschedule(None)
         client = await commit(tier, rec)
         try:
-            await relay_stream(resp, client, watch, pending, rec, tier.stream_idle_timeout)
+            limits = StreamLimits(tier.stream_idle_timeout, target.max_response_bytes, tier.stream_max)
+            await relay_stream(resp, client, watch, pending, rec, limits)
         finally:
             # Some servers send no usage in streams, and a cut stream still cost something:
             # count the events rather than charge nothing.
