@@ -10,6 +10,7 @@ from aiohttp import web
 
 from proxy.errors import error_json
 from proxy.gateway.client_io import ClientGone, write
+from proxy.gateway.redact import Redactor
 from proxy.gateway.sse import StreamWatch
 from proxy.records import AttemptOutcome, AttemptRecord
 
@@ -21,20 +22,24 @@ async def relay_stream(
     pending: bytes,
     rec: AttemptRecord,
     idle: float,
+    redactor: Redactor,
 ) -> None:
-    """After commit nothing may be retried: failures end the client's stream with an error event."""
+    """After commit nothing may be retried: failures end the client's stream with an error event.
+
+    `watch.feed` releases whole events only, so a secret split across TCP chunks is whole in
+    what is cleaned here."""
     loop = asyncio.get_running_loop()
     try:
-        await write(client, pending)
+        await write(client, redactor.clean(pending))
         async with asyncio.timeout(idle) as gap:
             async for chunk in resp.content.iter_any():
                 data = watch.feed(chunk)
                 if data:
                     gap.reschedule(loop.time() + idle)
-                    await write(client, data)
+                    await write(client, redactor.clean(data))
                 elif watch.overflow:
                     break
-        await write(client, watch.finish())
+        await write(client, redactor.clean(watch.finish()))
     except TimeoutError:
         rec.fail(AttemptOutcome.TIMEOUT, f"stream stalled: no event for {idle:.3g}s")
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
@@ -55,7 +60,7 @@ async def relay_stream(
             rec.outcome = AttemptOutcome.OK
         if rec.outcome is AttemptOutcome.OK or (watch.error and not watch.overflow):
             return  # an upstream error event was already passed on as it came
-    await _end_with_error(client, rec.error or "stream interrupted")
+    await _end_with_error(client, redactor.clean_text(rec.error or "stream interrupted"))
 
 
 async def _end_with_error(client: web.StreamResponse, message: str) -> None:
