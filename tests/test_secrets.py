@@ -25,6 +25,7 @@ from proxy.gateway.state import STATE
 from proxy.ops.logs import JsonFormatter
 from proxy.sim import SIM_STATS, Behaviour, SimSettings, create_sim_app
 from tests.conftest import ProxyFactory, Upstream, tier_config
+from tests.support.elsewhere import elsewhere
 from tests.support.proc import start_proxy
 from tests.support.secret_scan import KIMI_KEY
 
@@ -50,20 +51,6 @@ def keyed_tiers(ups: dict[str, Upstream]) -> dict[str, Any]:
 
 def head_of(resp: aiohttp.ClientResponse) -> bytes:
     return "".join(f"{k}: {v}\n" for k, v in resp.headers.items()).encode()
-
-
-async def elsewhere(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> tuple[str, list[str]]:
-    """Another host (127.0.0.2) that counts every request whatever its method or path."""
-    hits: list[str] = []
-
-    async def anything(request: web.Request) -> web.Response:
-        hits.append(f"{request.method} {request.path}")
-        return web.json_response({"choices": [{"message": {"content": "from elsewhere"}}]})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", anything)
-    server = await aiohttp_server(app, host="127.0.0.2")
-    return str(server.make_url("/v1/chat/completions")), hits
 
 
 async def ledger_bytes(client: TestClient[web.Request, web.Application]) -> bytes:

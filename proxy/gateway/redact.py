@@ -19,8 +19,9 @@ from collections.abc import Iterable
 MIN_SECRET_CHARS = 8
 REDACTED = "[redacted]"
 _REDACTED = REDACTED.encode()
-# What may continue a token: a short secret followed by one of these is a longer token, not it.
-_TOKEN_CHARS = rb"A-Za-z0-9._~+/=-"
+# A short secret followed by one of these is a longer token, not it. Punctuation ends it: in
+# "Bearer ollama." the period is prose, and cutting "Bearer abc+def" early reveals nothing.
+_TOKEN_CHARS = rb"A-Za-z0-9_-"
 
 
 class Redactor:
