@@ -32,16 +32,17 @@ class Redactor:
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
         unique = {s for s in secrets if s}
         long: set[bytes] = set()
-        short: list[re.Pattern[bytes]] = []
+        short: list[tuple[bytes, re.Pattern[bytes]]] = []
         for secret in unique:
             if len(secret) >= MIN_SECRET_CHARS:
                 long.update(_forms(secret))
             else:
-                token = re.escape(secret.encode())
-                short.append(re.compile(rb"(?i)\bbearer\s+" + token + rb"(?![" + _TOKEN_CHARS + rb"])"))
+                raw = secret.encode()
+                pattern = re.compile(rb"\b(?i:bearer)\s+" + re.escape(raw) + rb"(?![" + _TOKEN_CHARS + rb"])")
+                short.append((raw, pattern))
         # Longest first, so a secret that contains another is removed whole.
         self._long: tuple[bytes, ...] = tuple(sorted(long, key=len, reverse=True))
-        self._short: tuple[re.Pattern[bytes], ...] = tuple(short)
+        self._short: tuple[tuple[bytes, re.Pattern[bytes]], ...] = tuple(short)
         self.count = len(unique)
 
     def __repr__(self) -> str:
@@ -55,8 +56,8 @@ class Redactor:
         for secret in self._long:
             if data.find(secret) >= 0:
                 data = data.replace(secret, _REDACTED)
-        if self._short and (data.find(b"earer") >= 0 or data.find(b"EARER") >= 0):
-            for pattern in self._short:
+        for raw, pattern in self._short:
+            if data.find(raw) >= 0:  # the regex only where the short secret occurs at all
                 data = pattern.sub(b"Bearer " + _REDACTED, data)
         return data
 
