@@ -21,6 +21,7 @@ import yaml
 from proxy.config.resolved import ClientKey, Config, Price, Tier
 from proxy.config.schema import AuthSpec, FileSpec, PriceSpec, TierSpec
 from proxy.config.strategic_planner import PLANNER_KEYS, apply_planner_block
+from proxy.gateway.redact import Redactor
 
 log = logging.getLogger("proxy.config")
 
@@ -140,7 +141,8 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         raise ConfigError(f"{source}: retries.backoff_max_seconds is below retries.backoff_initial_seconds")
     if not any(t.usable for t in tiers):
         warnings.append("no tier is usable: every request will fail until one is configured")
-    client_keys = _client_keys(source, spec.auth, env, warnings)
+    secrets = [t.api_key for t in tiers]
+    client_keys = _client_keys(source, spec.auth, env, warnings, secrets)
     return Config(
         source=source,
         server=spec.server,
@@ -153,10 +155,15 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         pin_names={name: t.id for t in tiers if t.usable for name in (t.id, *t.aliases)},
         auth_required=bool(spec.auth.keys),
         client_keys=client_keys,
+        redactor=Redactor(secrets),
     )
 
 
-def _client_keys(source: str, auth: AuthSpec, env: Mapping[str, str], warnings: list[str]) -> tuple[ClientKey, ...]:
+def _client_keys(
+    source: str, auth: AuthSpec, env: Mapping[str, str], warnings: list[str], secrets: list[str | None]
+) -> tuple[ClientKey, ...]:
+    """The enabled keys; each secret read is appended to `secrets` (for redaction only: a
+    ClientKey keeps just the digest)."""
     keys: list[ClientKey] = []
     names: set[str] = set()
     for i, k in enumerate(auth.keys):
@@ -182,6 +189,7 @@ def _client_keys(source: str, auth: AuthSpec, env: Mapping[str, str], warnings: 
                 warnings.append(f"client key {k.name!r} is disabled: its variable {k.secret_env} is not set")
                 continue
             digest = hashlib.sha256(secret.encode()).digest()
+            secrets.append(secret)
         keys.append(ClientKey(k.name, digest, k.requests_per_minute, k.daily_usd))
     return tuple(keys)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from proxy.config.schema import BudgetSpec, LedgerSpec, RetrySpec, RoutingSpec, ServerSpec
+from proxy.gateway.redact import Redactor
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,8 @@ class Config:
     # Client keys: with `auth_required` every /v1 and /proxy request needs one of `client_keys`.
     auth_required: bool = False
     client_keys: tuple[ClientKey, ...] = ()
+    # Every tier key and client-key secret, to be removed from what upstreams send back.
+    redactor: Redactor = field(default_factory=Redactor, repr=False, compare=False)
 
     def tier(self, tier_id: str) -> Tier:
         for t in self.tiers:

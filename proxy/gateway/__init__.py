@@ -4,5 +4,6 @@
 limits) -> `client_io.py` (the client side: body, writes, protocol errors) -> `chat.py` (the
 handler) -> `body.py` (parse once) -> `routing.py` (the plan) with `breaker.py` ->
 `failover.py` (the attempt loop) -> `upstream.py` (one attempt) -> `relay.py` (a stream to the
-client) with `sse.py` (watching it) and `usage.py` (its tokens). `catalog.py`: GET /v1/models.
+client) with `sse.py` (watching it) and `usage.py` (its tokens); `redact.py` removes the
+configured secrets from all an upstream sends back. `catalog.py`: GET /v1/models.
 """

@@ -198,7 +198,7 @@ def _verdict(rec: AttemptRecord) -> _Verdict:
     if outcome is not AttemptOutcome.HTTP_ERROR:
         return _Verdict.RETRY
     status = rec.http_status or 0
-    if status in (401, 403):
+    if status in (401, 403) or 300 <= status < 400:  # a bad key, or a redirect that is never followed
         return _Verdict.NEXT
     if status in (408, 429) or status >= 500:
         return _Verdict.RETRY

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.errors import error_json
 from proxy.gateway.client_io import ClientGone, write
+from proxy.gateway.redact import Redactor
 from proxy.gateway.sse import StreamWatch, events_within
 from proxy.records import AttemptOutcome, AttemptRecord
 
@@ -38,10 +39,14 @@ async def relay_stream(
     pending: bytes,
     rec: AttemptRecord,
     limits: StreamLimits,
+    redactor: Redactor,
 ) -> None:
-    """After commit nothing may be retried: failures end the client's stream with an error event."""
+    """After commit nothing may be retried: failures end the client's stream with an error event.
+
+    `watch.feed` releases whole events only, so a secret split across TCP chunks is whole in
+    what is cleaned here."""
     try:
-        cut = await _pump(resp, client, watch, pending, limits)
+        cut = await _pump(resp, client, watch, redactor.clean(pending), limits, redactor)
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
         rec.fail(AttemptOutcome.CONNECT_ERROR, f"connection lost mid-stream: {type(e).__name__}")
     except ClientGone as e:
@@ -62,11 +67,16 @@ async def relay_stream(
             rec.outcome = AttemptOutcome.OK
         if rec.outcome is AttemptOutcome.OK or (cut is None and watch.error and not watch.overflow):
             return  # an upstream error event was already passed on as it came
-    await _end_with_error(client, rec.error or "stream interrupted")
+    await _end_with_error(client, redactor.clean_text(rec.error or "stream interrupted"))
 
 
 async def _pump(
-    resp: aiohttp.ClientResponse, client: web.StreamResponse, watch: StreamWatch, data: bytes, limits: StreamLimits
+    resp: aiohttp.ClientResponse,
+    client: web.StreamResponse,
+    watch: StreamWatch,
+    data: bytes,
+    limits: StreamLimits,
+    redactor: Redactor,
 ) -> Cut | None:
     """Relay until the upstream ends (None) or a limit cuts the stream (why)."""
     loop = asyncio.get_running_loop()
@@ -103,9 +113,9 @@ async def _pump(
                 " ask for a shorter answer (max_tokens) or raise that limit"
             )
         if chunk:
-            data = watch.feed(chunk)
+            data = redactor.clean(watch.feed(chunk))
         else:
-            eof, data = True, watch.finish()
+            eof, data = True, redactor.clean(watch.finish())
 
 
 async def _end_with_error(client: web.StreamResponse, message: str) -> None:

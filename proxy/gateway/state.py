@@ -86,7 +86,10 @@ class ProxyState:
         session = self.http()
         limit = self.config.server.max_response_bytes
         old = self.targets
-        self.targets = {t.id: Target.build(session, t, limit, old.get(t.id)) for t in self.config.tiers}
+        redactor = self.config.redactor
+        self.targets = {
+            t.id: Target.build(session, t, limit, old.get(t.id), redactor=redactor) for t in self.config.tiers
+        }
 
 
 STATE = web.AppKey("proxy_state", ProxyState)

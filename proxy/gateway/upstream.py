@@ -18,8 +18,10 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from yarl import URL
 
 from proxy.config import Tier
+from proxy.gateway.redact import Redactor
 from proxy.gateway.relay import StreamLimits, relay_stream
 from proxy.gateway.sse import StreamWatch
 from proxy.gateway.usage import estimate_tokens, estimate_usage, parse_usage
@@ -115,10 +117,17 @@ class Target:
     gate: asyncio.Semaphore  # the tier's max concurrent connections; waiting counts against the timeout
     # The attempt's own asyncio.timeout bounds the whole wait; only connecting is bounded here.
     client_timeout: aiohttp.ClientTimeout
+    redactor: Redactor  # every configured secret, removed from all the upstream sends back
 
     @classmethod
     def build(
-        cls, session: aiohttp.ClientSession, tier: Tier, max_response_bytes: int, old: Target | None = None
+        cls,
+        session: aiohttp.ClientSession,
+        tier: Tier,
+        max_response_bytes: int,
+        old: Target | None = None,
+        *,
+        redactor: Redactor,
     ) -> Target:
         """With `old` (the same tier before a reload), its gate carries over while the cap is
         unchanged, so the calls still running keep counting against the new target's cap."""
@@ -127,12 +136,18 @@ class Target:
             gate = old.gate
         else:
             gate = asyncio.Semaphore(tier.max_connections)
-        return cls(session, tier, max_response_bytes, gate, timeout)
+        return cls(session, tier, max_response_bytes, gate, timeout, redactor)
 
     def post(self, out: Outbound) -> aiohttp.client._RequestContextManager:
         tier = self.tier
+        # Never follow a redirect: on 307/308 aiohttp would re-send the prompt (and the key's
+        # request) to whatever host the upstream names, and bill its answer as this tier's.
         return self.session.post(
-            tier.chat_url, data=out.body_for(tier), headers=out.headers_for(tier), timeout=self.client_timeout
+            tier.chat_url,
+            data=out.body_for(tier),
+            headers=out.headers_for(tier),
+            timeout=self.client_timeout,
+            allow_redirects=False,
         )
 
 
@@ -157,6 +172,9 @@ async def attempt(target: Target, out: Outbound, rec: AttemptRecord, timeout: fl
         raise
     finally:
         rec.duration_ms = (time.monotonic() - t0) * 1000.0
+        # Upstream text reaches the error through many paths (bodies, aiohttp's messages):
+        # clean it once here, before the ledger, the logs or the 502 message see it.
+        rec.error = target.redactor.clean_optional(rec.error)
     return Reply()
 
 
@@ -164,13 +182,15 @@ async def _unary(target: Target, out: Outbound, rec: AttemptRecord, timeout: flo
     async with asyncio.timeout(timeout), target.gate, target.post(out) as resp:
         rec.http_status = resp.status
         body = await _read_limited(resp, target.max_response_bytes)
-        content_type = resp.headers.get("Content-Type", "application/json")
         if resp.status >= 300:
-            return _http_error(rec, resp, _frozen(body))
-    return _check_completion(rec, body, content_type, out)
+            return _http_error(rec, resp, _frozen(body), target.redactor)
+        content_type = target.redactor.clean_text(resp.headers.get("Content-Type", "application/json"))
+    return _check_completion(rec, body, content_type, out, target.redactor)
 
 
-def _check_completion(rec: AttemptRecord, body: bytearray | None, content_type: str, out: Outbound) -> Reply:
+def _check_completion(
+    rec: AttemptRecord, body: bytearray | None, content_type: str, out: Outbound, redactor: Redactor
+) -> Reply:
     if body is None:
         rec.fail(AttemptOutcome.BAD_RESPONSE, "response body too large")
         return Reply()
@@ -185,11 +205,11 @@ def _check_completion(rec: AttemptRecord, body: bytearray | None, content_type: 
     rec.outcome = AttemptOutcome.OK
     model = doc.get("model")
     if isinstance(model, str):
-        rec.model = model
+        rec.model = redactor.clean_text(model)
     rec.usage = parse_usage(doc.get("usage"), UsageSource.UPSTREAM) or estimate_usage(
         out.request_bytes, estimate_tokens(len(body))
     )
-    return Reply(body=body, content_type=content_type)
+    return Reply(body=redactor.clean_buffer(body), content_type=content_type)
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytearray | None:
@@ -212,14 +232,28 @@ def _frozen(body: bytearray | None) -> bytes | None:
     return bytes(body) if body is not None else None
 
 
-def _http_error(rec: AttemptRecord, resp: aiohttp.ClientResponse, body: bytes | None) -> Reply:
+def _http_error(rec: AttemptRecord, resp: aiohttp.ClientResponse, body: bytes | None, redactor: Redactor) -> Reply:
     rec.outcome = AttemptOutcome.HTTP_ERROR
+    if resp.status < 400:  # a 3xx is a failed attempt; its body never reaches the client
+        rec.error = f"HTTP {resp.status} redirect to {_redirect_host(resp)}: not followed"
+        return Reply()
     rec.error = f"HTTP {resp.status}{_upstream_message(body)}"
     return Reply(
-        body=body,
-        content_type=resp.headers.get("Content-Type", "application/json"),
+        body=None if body is None else redactor.clean(body),
+        content_type=redactor.clean_text(resp.headers.get("Content-Type", "application/json")),
         retry_after=retry_after_seconds(resp.headers),
     )
+
+
+def _redirect_host(resp: aiohttp.ClientResponse) -> str:
+    location = resp.headers.get("Location")
+    if not location:
+        return "nowhere (no Location header)"
+    try:
+        host = resp.url.join(URL(location)).host
+    except ValueError:
+        host = None
+    return host or "an unreadable Location"
 
 
 def _upstream_message(body: bytes | None) -> str:
@@ -264,7 +298,8 @@ async def _stream(
     async with asyncio.timeout(timeout) as deadline, target.gate, target.post(out) as resp:
         rec.http_status = resp.status
         if resp.status >= 300:
-            return _http_error(rec, resp, _frozen(await _read_limited(resp, target.max_response_bytes)))
+            body = _frozen(await _read_limited(resp, target.max_response_bytes))
+            return _http_error(rec, resp, body, target.redactor)
         content_type = resp.headers.get("Content-Type", "")
         if not content_type.startswith("text/event-stream"):
             rec.fail(AttemptOutcome.BAD_RESPONSE, f"expected an event stream, got {content_type or 'none'}")
@@ -285,12 +320,12 @@ async def _stream(
             return Reply()
         rec.ttft_ms = (time.monotonic() - t0) * 1000.0
         if watch.model:
-            rec.model = watch.model
+            rec.model = target.redactor.clean_text(watch.model)
         deadline.reschedule(None)
         client = await commit(tier, rec)
         try:
             limits = StreamLimits(tier.stream_idle_timeout, target.max_response_bytes, tier.stream_max)
-            await relay_stream(resp, client, watch, pending, rec, limits)
+            await relay_stream(resp, client, watch, pending, rec, limits, target.redactor)
         finally:
             # Some servers send no usage in streams, and a cut stream still cost something:
             # count the events rather than charge nothing.

@@ -34,6 +34,10 @@ class Behaviour:
     trickle: float | None = None
     content_type: str | None = None
     body_size: int | None = None
+    # Hostile: the Authorization received, back in a header, the Content-Type, the error
+    # message, the model and the content (a stream's every event); `location` is sent as is.
+    echo_auth: bool = False
+    location: str | None = None
 
     def __post_init__(self) -> None:
         if self.chunks < 0:

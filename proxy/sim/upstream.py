@@ -169,24 +169,34 @@ async def _answer(
         headers["Retry-After"] = b.retry_after
     if settings.simulated_label:
         headers["x-simulated"] = "true"
+    if b.location is not None:
+        headers["Location"] = b.location
+    echo = request.headers.get("Authorization", "") if b.echo_auth else ""
+    if echo:
+        headers["X-Echo-Authorization"] = echo
+    kind = f"; echo={echo}" if echo else ""
 
     if b.status != 200:
-        headers["Content-Type"] = b.content_type or bodies.JSON
+        headers["Content-Type"] = (b.content_type or bodies.JSON) + kind
         data = b.error_body if b.error_body is not None else bodies.error_body(b.status, settings.name)
+        if echo:
+            data = orjson.dumps({"error": {"message": f"Incorrect API key provided: {echo}", "code": "bad_key"}})
         return await _whole(request, state, b, b.status, headers, data)
 
     model = settings.model
     if model is None:
         requested = payload.get("model")
         model = requested if isinstance(requested, str) else settings.name
+    model += f" (you sent {echo})" if echo else ""
     label = f"[simulated {settings.name}] " if settings.simulated_label else ""
+    label += f"Your key is {echo}. " if echo else ""
     canned = bodies.canned(state.canned, b.chunks, label)
     prompt_tokens = max(1, body_len // 4)
     created = int(time.time())
     completion_id = f"chatcmpl-sim-{number}"
 
     if stream:
-        headers["Content-Type"] = b.content_type or bodies.SSE
+        headers["Content-Type"] = (b.content_type or bodies.SSE) + kind
         headers["Cache-Control"] = "no-cache"
         options = payload.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True and not b.no_usage
@@ -195,7 +205,7 @@ async def _answer(
         )
         return await _stream(request, state, b, headers, events)
 
-    headers["Content-Type"] = b.content_type or bodies.JSON
+    headers["Content-Type"] = (b.content_type or bodies.JSON) + kind
     if b.not_completion:
         data = bodies.NOT_COMPLETION
     elif b.malformed:
