@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from proxy.config import RetrySpec, Tier
 from proxy.errors import ChainFailed, Unavailable
-from proxy.gateway.breaker import BreakerBoard
+from proxy.gateway.breaker import Breaker, BreakerBoard, Ticket
 from proxy.gateway.routing import Plan
 from proxy.gateway.upstream import Reply
 from proxy.records import AttemptOutcome, AttemptRecord
@@ -66,7 +66,8 @@ class Failover:
                     return result
                 if tries and len(result.attempts) >= self.retries.max_total_retries:
                     break
-                if not plan.forced and not breaker.acquire(self.clock()):
+                ticket = breaker.bypass(self.clock()) if plan.forced else breaker.acquire(self.clock())
+                if ticket is None:
                     break
                 rec = AttemptRecord(n=len(result.attempts) + 1, tier=tier.id, model=tier.model, started_at=time.time())
                 result.attempts.append(rec)
@@ -76,10 +77,10 @@ class Failover:
                 except BaseException:
                     # An attempt that never finished (client gone, a bug) must not keep the
                     # breaker's half-open probe slot forever.
-                    breaker.on_neutral()
+                    breaker.on_neutral(ticket)
                     raise
                 verdict = _verdict(rec)
-                self._update_breaker(tier, rec, verdict)
+                self._update_breaker(tier, breaker, ticket, rec, verdict)
                 if verdict is _Verdict.OK or reply.committed:
                     result.tier, result.reply = tier, reply
                     return result
@@ -109,14 +110,17 @@ class Failover:
             return None
         return delay
 
-    def _update_breaker(self, tier: Tier, rec: AttemptRecord, verdict: _Verdict) -> None:
-        breaker = self.breakers.get(tier.id)
+    def _update_breaker(
+        self, tier: Tier, breaker: Breaker, ticket: Ticket, rec: AttemptRecord, verdict: _Verdict
+    ) -> None:
+        # The ticket says whether this result still counts (see breaker.py): an attempt that
+        # started before the breaker opened must neither close it nor extend its cooldown.
         if verdict is _Verdict.OK:
-            breaker.on_success()
+            breaker.on_success(ticket)
         elif verdict is _Verdict.REFUSED:
-            breaker.on_neutral()
+            breaker.on_neutral(ticket)
         else:
-            breaker.on_failure(self.clock())
+            breaker.on_failure(ticket, self.clock())
         if rec.http_status in (401, 403):
             log.error(
                 "tier %s rejected the proxy's API key (HTTP %s): check %s; not retrying this tier",
