@@ -70,6 +70,9 @@ class ServerSpec(Strict, frozen=True):
     # A connection must send a complete request head within this of opening or of its previous
     # response, else it is closed: idle keep-alive connections and slowloris clients alike.
     idle_timeout_seconds: Positive = 30.0
+    # With auth.keys configured, /metrics needs a valid key unless this is true (a scraper on a
+    # trusted network without credentials); without keys /metrics is open either way.
+    public_metrics: bool = False
 
 
 class ClientKeySpec(Strict, frozen=True):
