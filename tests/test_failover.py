@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -131,10 +133,11 @@ async def test_breaker_opens_after_threshold_and_admits_one_probe() -> None:
     assert make_plan(CONFIG, RouteHints(), fo.breakers.blocked(clock())).route.value == "escalated"
     clock.now += 10.0
     assert breaker.state(clock()) is BreakerState.HALF_OPEN
-    assert breaker.acquire(clock()) is True
-    assert breaker.acquire(clock()) is False, "only one probe at a time"
+    probe = breaker.acquire(clock())
+    assert probe is not None and probe.probe
+    assert breaker.acquire(clock()) is None, "only one probe at a time"
     assert "llama" in fo.breakers.blocked(clock())
-    breaker.on_success()
+    breaker.on_success(probe)
     assert breaker.state(clock()) is BreakerState.CLOSED
 
 
@@ -148,3 +151,135 @@ async def test_refusal_neither_opens_breaker_nor_retries() -> None:
         assert result.refused and result.tier is not None and result.tier.id == "kimi"
     assert fo.breakers.get("llama").state(clock()) is BreakerState.CLOSED
     assert [c[0] for c in send.calls[:3]] == ["llama", "ollama", "kimi"]
+
+
+class Gated:
+    """A `send` whose llama attempts wait for `gate` when scripted to: calls in flight while
+    other calls change the breaker. Per tier, a queue of (outcome, status, held)."""
+
+    def __init__(self, clock: Clock, **per_tier: Iterable[tuple[AttemptOutcome, int | None, bool]]):
+        self.clock = clock
+        self.gate = asyncio.Event()
+        self.queues = {k: deque(v) for k, v in per_tier.items()}
+        self.held = 0
+        self.calls: list[str] = []
+
+    async def __call__(self, tier: Tier, rec: AttemptRecord, timeout: float) -> Reply:
+        self.calls.append(tier.id)
+        outcome, status, held = self.queues[tier.id].popleft()
+        if held:
+            self.held += 1
+            await self.gate.wait()
+        rec.outcome, rec.http_status = outcome, status
+        return Reply()
+
+
+G_OK = (AttemptOutcome.OK, 200, False)
+G_500 = (AttemptOutcome.HTTP_ERROR, 500, False)
+HELD_OK = (AttemptOutcome.OK, 200, True)
+HELD_500 = (AttemptOutcome.HTTP_ERROR, 500, True)
+
+
+async def _hold(fo: Failover, send: Gated, n: int) -> list[asyncio.Task[object]]:
+    """Start n llama-only requests and wait until all are in flight."""
+    tasks: list[asyncio.Task[object]] = [asyncio.create_task(fo.run(plan(fallback=False), send)) for _ in range(n)]
+    while send.held < n:
+        await asyncio.sleep(0)
+    return tasks
+
+
+async def test_in_flight_successes_do_not_close_a_breaker_that_opened_meanwhile() -> None:
+    clock = Clock()
+    fo = failover(clock, max_fallback_retries=1)
+    send = Gated(clock, llama=[HELD_OK] * 5 + [G_500] * 3 + [G_OK], ollama=[G_OK] * 3)
+    held = await _hold(fo, send, 5)
+    for _ in range(3):
+        await fo.run(plan(), send)
+    breaker = fo.breakers.get("llama")
+    assert breaker.state(clock()) is BreakerState.OPEN
+    clock.now = 1.0
+    send.gate.set()
+    for r in await asyncio.gather(*held):
+        assert r.tier is not None and r.tier.id == "llama"  # type: ignore[attr-defined]
+    assert breaker.state(clock()) is BreakerState.OPEN, "a success that was not the probe closed the breaker"
+    assert "llama" in fo.breakers.blocked(clock())
+    clock.now = 9.99
+    assert breaker.state(clock()) is BreakerState.OPEN
+    clock.now = 10.0
+    result = await fo.run(plan(), send)  # the probe
+    assert result.tier is not None and result.tier.id == "llama"
+    assert breaker.state(clock()) is BreakerState.CLOSED
+
+
+async def test_in_flight_failures_do_not_extend_the_cooldown() -> None:
+    clock = Clock()
+    fo = failover(clock, max_fallback_retries=1)
+    send = Gated(clock, llama=[HELD_500] * 5 + [G_500] * 3, ollama=[G_OK] * 8)
+    held = await _hold(fo, send, 5)
+    for _ in range(3):
+        await fo.run(plan(), send)
+    breaker = fo.breakers.get("llama")
+    clock.now = 6.0
+    send.gate.set()
+    await asyncio.gather(*held)
+    clock.now = 10.0  # the cooldown counts from the opening at 0, not from the late failures at 6
+    assert breaker.state(clock()) is BreakerState.HALF_OPEN
+    probe = breaker.acquire(clock())
+    assert probe is not None and probe.probe
+
+
+async def test_failed_probe_reopens_for_a_full_cooldown_and_late_results_of_old_periods_are_ignored() -> None:
+    clock = Clock()
+    fo = failover(clock, max_fallback_retries=1)
+    send = Gated(clock, llama=[HELD_500] * 3 + [G_500] * 3 + [G_500, G_OK], ollama=[G_OK] * 4)
+    held = await _hold(fo, send, 3)
+    for _ in range(3):
+        await fo.run(plan(), send)
+    breaker = fo.breakers.get("llama")
+    clock.now = 10.0
+    await fo.run(plan(), send)  # the probe fails at 10: open until 20
+    assert breaker.state(19.99) is BreakerState.OPEN and breaker.state(20.0) is BreakerState.HALF_OPEN
+    clock.now = 20.0
+    await fo.run(plan(), send)  # the probe succeeds: closed
+    assert breaker.state(clock()) is BreakerState.CLOSED
+    # Three failures of attempts that started before all this: they do not re-open it.
+    send.gate.set()
+    await asyncio.gather(*held)
+    assert breaker.state(clock()) is BreakerState.CLOSED and breaker.failures == 0
+
+
+async def test_only_the_probe_counts_when_every_breaker_is_open() -> None:
+    clock = Clock()
+    fo = failover(clock, threshold=1, max_fallback_retries=1)
+    send = Gated(clock, llama=[G_500, G_OK, G_OK], ollama=[G_500], kimi=[G_500, G_500])
+    await fo.run(plan(), send)
+    assert fo.breakers.blocked(clock()) == {"llama", "ollama", "kimi"}
+    clock.now = 1.0
+    forced = make_plan(CONFIG, RouteHints(), fo.breakers.blocked(clock()))
+    assert forced.forced
+    result = await fo.run(forced, send)  # tried anyway: kimi fails, llama succeeds; neither is a probe
+    assert [t.id for t in forced.chain] == ["kimi", "llama", "ollama"]
+    assert result.tier is not None and result.tier.id == "llama"
+    assert fo.breakers.get("llama").state(clock()) is BreakerState.OPEN
+    clock.now = 10.0
+    assert fo.breakers.get("kimi").state(clock()) is BreakerState.HALF_OPEN, "kimi's cooldown was extended"
+    await fo.run(make_plan(CONFIG, RouteHints(), fo.breakers.blocked(clock())), send)
+    assert fo.breakers.get("llama").state(clock()) is BreakerState.CLOSED
+
+
+async def test_cancelled_probe_frees_the_slot() -> None:
+    clock = Clock()
+    fo = failover(clock, max_fallback_retries=1)
+    send = Gated(clock, llama=[G_500] * 3 + [HELD_OK, G_OK], ollama=[G_OK] * 3)
+    for _ in range(3):
+        await fo.run(plan(), send)
+    clock.now = 10.0
+    (probe,) = await _hold(fo, send, 1)
+    breaker = fo.breakers.get("llama")
+    assert breaker.acquire(clock()) is None
+    probe.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await probe
+    assert breaker.state(clock()) is BreakerState.HALF_OPEN and "llama" not in fo.breakers.blocked(clock())
+    await fo.run(plan(), send)
+    assert breaker.state(clock()) is BreakerState.CLOSED

@@ -258,6 +258,11 @@ async def test_real_process_auth_metrics_and_no_secret_anywhere(
                 assert r.status == 429 and "Retry-After" in r.headers
                 seen.append(await r.read())
             async with s.get(f"{run.url}/metrics") as r:
+                assert r.status == 401, "with client keys, /metrics needs one"
+                seen.append(await r.read())
+            # the planner's rate is used up: a scrape is not counted against it
+            async with s.get(f"{run.url}/metrics", headers=bearer(PLANNER_KEY)) as r:
+                assert r.status == 200
                 metrics = await r.text()
             async with s.get(f"{run.url}/proxy/report", headers=bearer(OTHER_KEY)) as r:
                 seen.append(await r.read())

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.config import Config, build_config
 from proxy.errors import BadRequest, NotFound, RateLimited, Unavailable
 from proxy.gateway.routing import RouteHints, make_plan, parse_hints
+from tests.conftest import ProxyFactory, Upstream
 
 ENV = {"MOONSHOT_API_KEY": "k"}
 
@@ -111,3 +113,54 @@ def test_bad_headers(headers: dict[str, str], param: str) -> None:
 def test_header_values_are_case_insensitive() -> None:
     hints = parse_hints({"X-Replan": " Minor ", "X-Complexity": "COMPLEX", "X-Fallback": "OFF"}, "auto")
     assert (hints.replan, hints.complexity, hints.fallback) == ("minor", "complex", False)
+
+
+@pytest.mark.parametrize(
+    ("name", "values"),
+    [
+        ("X-Replan", ["major", "minor"]),
+        ("X-Replan", ["minor, major"]),
+        ("X-Complexity", ["simple", "complex"]),
+        ("X-Complexity", ["complex,simple"]),
+        ("X-Tier", ["ollama", "kimi"]),
+        ("X-Tier", ["ollama,kimi"]),
+        ("X-Fallback", ["off", "on"]),
+        ("X-Fallback", ["off, on"]),
+    ],
+)
+def test_a_routing_header_with_two_meanings_is_refused(name: str, values: list[str]) -> None:
+    headers = CIMultiDictProxy(CIMultiDict([(name.lower(), v) for v in values]))
+    with pytest.raises(BadRequest) as info:
+        parse_hints(headers, None)
+    assert info.value.param == name and name in str(info.value)
+
+
+def test_a_routing_header_repeated_with_the_same_value_is_fine() -> None:
+    pairs = [("X-Replan", "minor"), ("x-replan", " Minor"), ("X-Tier", "ollama"), ("X-Tier", "ollama")]
+    pairs += [("X-Fallback", "off"), ("X-Fallback", "OFF"), ("X-Complexity", "simple"), ("X-Complexity", "simple")]
+    hints = parse_hints(CIMultiDictProxy(CIMultiDict(pairs)), None)
+    assert (hints.replan, hints.tier, hints.fallback, hints.complexity) == ("minor", "ollama", False, "simple")
+
+
+async def test_conflicting_replan_headers_are_a_400_and_reach_no_tier(
+    make_proxy: ProxyFactory, upstreams: dict[str, Upstream]
+) -> None:
+    client = await make_proxy()
+    body = {"model": "auto", "messages": [{"role": "user", "content": "re-plan"}]}
+    for headers in (
+        CIMultiDict([("X-Replan", "major"), ("X-Replan", "minor")]),
+        CIMultiDict([("X-Replan", "minor"), ("X-Replan", "major")]),
+        CIMultiDict([("X-Replan", "minor, major")]),
+        CIMultiDict([("X-Complexity", "simple"), ("X-Complexity", "complex")]),
+        CIMultiDict([("X-Tier", "llama"), ("X-Tier", "kimi")]),
+    ):
+        resp = await client.post("/v1/chat/completions", json=body, headers=headers)
+        assert resp.status == 400, headers
+        err = (await resp.json())["error"]
+        name = next(iter(headers))
+        assert err["param"] == name and name in err["message"] and err["type"] == "invalid_request_error"
+    assert {n: u.hits for n, u in upstreams.items()} == {"llama": 0, "ollama": 0, "kimi": 0}
+    resp = await client.post(
+        "/v1/chat/completions", json=body, headers=CIMultiDict([("X-Replan", "minor"), ("X-Replan", "minor")])
+    )
+    assert resp.status == 200 and resp.headers["X-Proxy-Route"] == "minor_replan"

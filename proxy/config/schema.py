@@ -76,6 +76,9 @@ class ServerSpec(Strict, frozen=True):
     # A streaming client must accept each write within this, else it is cut: the call is recorded as
     # client_cancelled and the tier's attempt as cancelled, never as the tier's failure.
     client_write_timeout_seconds: Positive = 30.0
+    # With auth.keys configured, /metrics needs a valid key unless this is true (a scraper on a
+    # trusted network without credentials); without keys /metrics is open either way.
+    public_metrics: bool = False
 
 
 class ClientKeySpec(Strict, frozen=True):

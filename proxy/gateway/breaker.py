@@ -4,6 +4,27 @@ A tier's breaker opens after `threshold` consecutive failed attempts (across req
 stays open for `cooldown` seconds; then one request at a time may probe it, and
 `successes_to_close` successful probes in a row close it again. Routing reads the state to
 escalate; the failover loop reports every attempt's result here.
+
+Which results count. Every attempt starts with `acquire()` (or `bypass()` for a plan that must
+try a tier whose breaker is open) and hands the `Ticket` it got back with its result. The
+breaker's life is a series of periods, numbered by `epoch`: a closed period, an open period
+(cooldown, then half-open probes), a closed period again, and so on. A ticket belongs to the
+period it was issued in, and its result counts only in that period:
+
+- Closed: a success resets the consecutive-failure count, a failure adds to it, and reaching
+  `threshold` opens the breaker (a new period).
+- Open or half-open: only the probe's ticket counts. Its success counts toward closing; its
+  failure re-opens the breaker for a whole new cooldown from now; a refusal or a cancelled
+  probe frees the probe slot for the next request.
+- Anything else is stale and ignored: an attempt that started before the breaker opened and
+  finishes after it (its success must not close a breaker that opened meanwhile, its failure
+  must not push the end of the cooldown out, which a stream of slow failures would do forever),
+  an attempt of an earlier closed period finishing after a recovery, and attempts made with
+  `bypass()` while the breaker is open (they are not the probe, so they say nothing about
+  whether the cooldown may end early).
+
+So the cooldown always runs its full length from the failure that opened the breaker (or from
+the failed probe), and only a probe admitted after it can close the breaker.
 """
 
 from __future__ import annotations
@@ -20,15 +41,24 @@ class BreakerState(enum.StrEnum):
     HALF_OPEN = "half_open"
 
 
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """Issued with each attempt, handed back with its result: which period it belongs to."""
+
+    epoch: int
+    probe: bool = False  # the half-open probe of its open period
+
+
 @dataclass(slots=True)
 class Breaker:
     threshold: int
     cooldown: float
     successes_to_close: int = 1
-    failures: int = 0  # consecutive failed attempts
+    failures: int = 0  # consecutive failed attempts of the current closed period
     opened_at: float | None = None
     probing: bool = False  # a half-open probe is in flight
     probe_successes: int = 0
+    epoch: int = 0  # the current period; each opening and each closing starts a new one
 
     def state(self, now: float) -> BreakerState:
         if self.opened_at is None:
@@ -42,35 +72,62 @@ class Breaker:
         state = self.state(now)
         return state is BreakerState.OPEN or (state is BreakerState.HALF_OPEN and self.probing)
 
-    def acquire(self, now: float) -> bool:
-        """Ask to send one attempt; in half-open state only one probe runs at a time."""
+    def acquire(self, now: float) -> Ticket | None:
+        """Ask to send one attempt: None when it must not be sent (open, or another probe in
+        flight); in half-open state the ticket is the probe's."""
         state = self.state(now)
         if state is BreakerState.CLOSED:
-            return True
+            return Ticket(self.epoch)
         if state is BreakerState.OPEN or self.probing:
-            return False
+            return None
         self.probing = True
-        return True
+        return Ticket(self.epoch, probe=True)
 
-    def on_success(self) -> None:
-        self.failures = 0
-        if self.opened_at is not None:
+    def bypass(self, now: float) -> Ticket:
+        """An attempt the plan sends whatever the state (every tier's breaker is open): it may
+        still be the probe; if not, its result is ignored while the breaker is open."""
+        return self.acquire(now) or Ticket(self.epoch)
+
+    def on_success(self, ticket: Ticket) -> None:
+        if ticket.epoch != self.epoch:
+            return
+        if self.opened_at is None:
+            self.failures = 0
+        elif ticket.probe:
             self.probing = False
             self.probe_successes += 1
             if self.probe_successes >= self.successes_to_close:
-                self.opened_at = None
-                self.probe_successes = 0
+                self._close()
 
-    def on_failure(self, now: float) -> None:
-        self.failures += 1
+    def on_failure(self, ticket: Ticket, now: float) -> None:
+        if ticket.epoch != self.epoch:
+            return
+        if self.opened_at is None:
+            self.failures += 1
+            if self.failures >= self.threshold:
+                self._open(now)
+        elif ticket.probe:
+            self._open(now)
+
+    def on_neutral(self, ticket: Ticket) -> None:
+        """The tier answered but refused this request (e.g. a 400), or the attempt never
+        finished: it proves nothing, but a probe's slot must be freed for the next request."""
+        if ticket.probe and ticket.epoch == self.epoch:
+            self.probing = False
+
+    def _open(self, now: float) -> None:
+        self.epoch += 1
+        self.opened_at = now
+        self.failures = 0
         self.probing = False
         self.probe_successes = 0
-        if self.opened_at is not None or self.failures >= self.threshold:
-            self.opened_at = now
 
-    def on_neutral(self) -> None:
-        """The tier answered but refused this request (e.g. a 400): it is up, but this proves nothing."""
+    def _close(self) -> None:
+        self.epoch += 1
+        self.opened_at = None
+        self.failures = 0
         self.probing = False
+        self.probe_successes = 0
 
 
 @dataclass(slots=True)

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from proxy.config import RetrySpec, Tier
 from proxy.errors import ChainFailed, ProxyError, Unavailable
-from proxy.gateway.breaker import BreakerBoard
+from proxy.gateway.breaker import Breaker, BreakerBoard, Ticket
 from proxy.gateway.routing import Plan
 from proxy.gateway.upstream import Reply
 from proxy.records import AttemptOutcome, AttemptRecord
@@ -92,7 +92,8 @@ class Failover:
                 if spend is not None and not spend.reserve(tier, n):
                     result.over_budget.append(tier.id)
                     break
-                if not plan.forced and not breaker.acquire(self.clock()):
+                ticket = breaker.bypass(self.clock()) if plan.forced else breaker.acquire(self.clock())
+                if ticket is None:
                     if spend is not None:
                         spend.unhold(n)
                     break
@@ -104,12 +105,12 @@ class Failover:
                 except BaseException:
                     # An attempt that never finished (client gone, a bug) must not keep the
                     # breaker's half-open probe slot forever.
-                    breaker.on_neutral()
+                    breaker.on_neutral(ticket)
                     raise
                 if spend is not None and not reply.committed:
                     spend.settle(tier, rec)
                 verdict = _verdict(rec)
-                self._update_breaker(tier, rec, verdict)
+                self._update_breaker(tier, breaker, ticket, rec, verdict)
                 if verdict is _Verdict.OK or reply.committed:
                     result.tier, result.reply = tier, reply
                     return result
@@ -142,14 +143,17 @@ class Failover:
             return None
         return delay
 
-    def _update_breaker(self, tier: Tier, rec: AttemptRecord, verdict: _Verdict) -> None:
-        breaker = self.breakers.get(tier.id)
+    def _update_breaker(
+        self, tier: Tier, breaker: Breaker, ticket: Ticket, rec: AttemptRecord, verdict: _Verdict
+    ) -> None:
+        # The ticket says whether this result still counts (see breaker.py): an attempt that
+        # started before the breaker opened must neither close it nor extend its cooldown.
         if verdict is _Verdict.OK:
-            breaker.on_success()
+            breaker.on_success(ticket)
         elif verdict is _Verdict.REFUSED:
-            breaker.on_neutral()
+            breaker.on_neutral(ticket)
         else:
-            breaker.on_failure(self.clock())
+            breaker.on_failure(ticket, self.clock())
         if rec.http_status in (401, 403):
             log.error(
                 "tier %s rejected the proxy's API key (HTTP %s): check %s; not retrying this tier",

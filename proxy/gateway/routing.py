@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from multidict import MultiMapping
+
 from proxy.config import Config, Tier
 from proxy.errors import BadRequest, NotFound, RateLimited, Unavailable
 from proxy.records import Route
@@ -15,6 +17,7 @@ from proxy.records import Route
 _REPLAN = ("minor", "major")
 _COMPLEXITY = ("simple", "normal", "complex")
 _FALLBACK = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
+_FALLBACK_SHOWN = ("on", "off")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +43,13 @@ class Plan:
 
 
 def parse_hints(headers: Mapping[str, str], model: str | None) -> RouteHints:
+    """`headers` is the request's (a multidict: a header may come several times) or a plain dict."""
     replan = _choice(headers, "X-Replan", _REPLAN)
     complexity = _choice(headers, "X-Complexity", _COMPLEXITY)
-    fallback_raw = headers.get("X-Fallback")
+    fallback_raw = _single(headers, "X-Fallback", ", ".join(_FALLBACK_SHOWN), fold=True)
     fallback = True
     if fallback_raw is not None:
-        value = _FALLBACK.get(fallback_raw.strip().lower())
+        value = _FALLBACK.get(fallback_raw.lower())
         if value is None:
             raise BadRequest(
                 f"Invalid X-Fallback header value {fallback_raw!r}: allowed values are on, off",
@@ -53,21 +57,15 @@ def parse_hints(headers: Mapping[str, str], model: str | None) -> RouteHints:
                 code="invalid_header",
             )
         fallback = value
-    tier = headers.get("X-Tier")
-    return RouteHints(
-        replan=replan,
-        complexity=complexity,
-        tier=tier.strip() if tier is not None else None,
-        fallback=fallback,
-        model=model,
-    )
+    tier = _single(headers, "X-Tier", "a tier id or alias from GET /v1/models", fold=False)
+    return RouteHints(replan=replan, complexity=complexity, tier=tier, fallback=fallback, model=model)
 
 
 def _choice(headers: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str | None:
-    raw = headers.get(name)
+    raw = _single(headers, name, ", ".join(allowed), fold=True)
     if raw is None:
         return None
-    value = raw.strip().lower()
+    value = raw.lower()
     if value not in allowed:
         raise BadRequest(
             f"Invalid {name} header value {raw!r}: allowed values are {', '.join(allowed)}",
@@ -75,6 +73,35 @@ def _choice(headers: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> 
             code="invalid_header",
         )
     return value
+
+
+def _single(headers: Mapping[str, str], name: str, allowed: str, *, fold: bool) -> str | None:
+    """The header's one value, stripped. A routing header sent twice with different values, or
+    with several comma-separated values, is ambiguous: which one wins would decide, say, whether
+    a minor re-plan may reach the paid tier, so it is refused rather than guessed."""
+    if isinstance(headers, MultiMapping):
+        values: list[str] = [v.strip() for v in headers.getall(name, [])]
+    else:
+        one = headers.get(name)
+        values = [] if one is None else [one.strip()]
+    if not values:
+        return None
+    for v in values:
+        if "," in v:
+            raise BadRequest(
+                f"Invalid {name} header value {v!r}: send one value, not a list (allowed: {allowed})",
+                param=name,
+                code="invalid_header",
+            )
+    if len({v.lower() if fold else v for v in values}) > 1:
+        shown = ", ".join(repr(v) for v in values)
+        raise BadRequest(
+            f"The {name} header was sent {len(values)} times with different values ({shown}): "
+            f"send it once, with one of: {allowed}",
+            param=name,
+            code="invalid_header",
+        )
+    return values[0]
 
 
 def make_plan(

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.errors import BadRequest, NotFound, Unavailable
-from proxy.gateway.state import STATE
+from proxy.gateway.state import CLIENT_KEY, STATE
 from proxy.ledger.budget import budget_json
 from proxy.ledger.report import parse_since
 from proxy.ledger.report_read import build_report
@@ -27,7 +27,15 @@ async def get_healthz(request: web.Request) -> web.Response:
 
 
 async def get_readyz(request: web.Request) -> web.Response:
+    """The status code is for probes, which carry no key; with client keys configured, the
+    config's path and each tier's state (which tiers exist, which are failing) are only for a
+    caller with a valid key (checked by the client_keys middleware)."""
     state = request.app[STATE]
+    ready = bool(state.config.usable_tiers) and state.session is not None
+    status = 200 if ready else 503
+    doc: dict[str, object] = {"status": "ready" if ready else "not_ready"}
+    if state.config.auth_required and CLIENT_KEY not in request:
+        return web.json_response(doc, status=status)
     now = time.monotonic()
     tiers = {
         t.id: {
@@ -37,11 +45,7 @@ async def get_readyz(request: web.Request) -> web.Response:
         }
         for t in state.config.tiers
     }
-    ready = bool(state.config.usable_tiers) and state.session is not None
-    return web.json_response(
-        {"status": "ready" if ready else "not_ready", "config": state.config.source, "tiers": tiers},
-        status=200 if ready else 503,
-    )
+    return web.json_response({**doc, "config": state.config.source, "tiers": tiers}, status=status)
 
 
 async def get_metrics(request: web.Request) -> web.Response:
