@@ -7,7 +7,7 @@
 """
 
 from proxy.config.load import ConfigError, build_config, load_config
-from proxy.config.resolved import ClientKey, Config, Price, Tier
+from proxy.config.resolved import ClientKey, Config, Price, Tier, Transport
 from proxy.config.schema import (
     AuthSpec,
     BudgetSpec,
@@ -37,6 +37,7 @@ __all__ = [
     "ServerSpec",
     "Tier",
     "TierSpec",
+    "Transport",
     "build_config",
     "load_config",
 ]

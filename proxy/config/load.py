@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +19,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
-from proxy.config.resolved import ClientKey, Config, Price, Tier
+from proxy.config.resolved import ClientKey, Config, Price, Tier, Transport
 from proxy.config.schema import AuthSpec, FileSpec, PriceSpec, TierSpec
 from proxy.config.strategic_planner import PLANNER_KEYS, apply_planner_block
 from proxy.gateway.redact import Redactor
@@ -122,6 +123,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
                 api_key_env=ts.api_key_env,
                 api_key=key or None,
                 skip_reason=skip,
+                transport=_transport(source, tier_id, ts, warnings),
             )
         )
     if not tiers:
@@ -141,7 +143,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         raise ConfigError(f"{source}: retries.backoff_max_seconds is below retries.backoff_initial_seconds")
     if not any(t.usable for t in tiers):
         warnings.append("no tier is usable: every request will fail until one is configured")
-    secrets = [t.api_key for t in tiers]
+    secrets = [t.api_key for t in tiers] + [_password(t.transport.http_proxy) for t in tiers]
     client_keys = _client_keys(source, spec.auth, env, warnings, secrets)
     return Config(
         source=source,
@@ -201,6 +203,32 @@ def _price(source: str, tier_id: str, p: PriceSpec) -> Price:
             raise ConfigError(f"{source}: tiers.{tier_id}.price.{name}: must be a number >= 0, got {value}")
     cached = p.cached_input_per_mtok if p.cached_input_per_mtok is not None else p.input_per_mtok
     return Price(p.input_per_mtok, cached, p.output_per_mtok, p.per_call_usd)
+
+
+def _transport(source: str, tier_id: str, ts: TierSpec, warnings: list[str]) -> Transport:
+    where = f"{source}: tiers.{tier_id}"
+    if ts.ca_bundle is not None:
+        try:
+            ssl.create_default_context(cafile=ts.ca_bundle)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(
+                f"{where}.ca_bundle: {ts.ca_bundle!r} is not a readable PEM file of CA certificates ({e})"
+            ) from None
+    if not ts.verify_tls:
+        warnings.append(
+            f"tier {tier_id!r}: TLS certificates are NOT checked (verify_tls: false): anyone on the network "
+            "path can read its API key and answers; use ca_bundle for a private CA instead"
+        )
+    if ts.http_proxy is not None:
+        parts = urlsplit(ts.http_proxy)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}.http_proxy: not an http(s) URL (expected e.g. http://proxy.internal:3128)")
+    return Transport(ts.ca_bundle, ts.verify_tls, ts.http_proxy)
+
+
+def _password(url: str | None) -> str | None:
+    """A proxy URL's password is a secret like the keys: redacted wherever an upstream echoes it."""
+    return None if url is None else urlsplit(url).password
 
 
 def _check_url(source: str, tier_id: str, url: str) -> None:

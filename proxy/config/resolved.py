@@ -19,6 +19,15 @@ class Price:
 
 
 @dataclass(frozen=True, slots=True)
+class Transport:
+    """How a tier's host is reached (tiers.<id>.ca_bundle, verify_tls, http_proxy)."""
+
+    ca_bundle: str | None = None  # a PEM file of the CAs its certificate may chain to
+    verify_tls: bool = True
+    http_proxy: str | None = field(default=None, repr=False)  # may carry a password
+
+
+@dataclass(frozen=True, slots=True)
 class Tier:
     id: str
     base_url: str  # without trailing slash, e.g. http://host:port/v1
@@ -34,6 +43,7 @@ class Tier:
     api_key: str | None = field(default=None, repr=False)
     skip_reason: str | None = None  # set when the tier cannot be used (disabled, no key)
     stream_max: float | None = None  # cap on a stream after its first event; None: no cap
+    transport: Transport = field(default_factory=Transport)
 
     @property
     def usable(self) -> bool:

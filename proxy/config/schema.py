@@ -44,6 +44,11 @@ class TierSpec(Strict, frozen=True):
     connect_timeout_seconds: Positive = 5.0
     max_connections: AtLeastOne = 256
     price: PriceSpec = PriceSpec()
+    # How the tier is reached: a private CA's PEM file for its HTTPS certificate, no certificate
+    # check at all (warned about: anyone on the path can read the key), an HTTP(S) proxy.
+    ca_bundle: str | None = None
+    verify_tls: bool = True
+    http_proxy: str | None = None
 
 
 class RoutingSpec(Strict, frozen=True):

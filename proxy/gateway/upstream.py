@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class Target:
     # The attempt's own asyncio.timeout bounds the whole wait; only connecting is bounded here.
     client_timeout: aiohttp.ClientTimeout
     redactor: Redactor  # every configured secret, removed from all the upstream sends back
+    tls: ssl.SSLContext | bool  # True: the system's CAs; a context for ca_bundle; False: unchecked
 
     @classmethod
     def build(
@@ -136,7 +138,7 @@ class Target:
             gate = old.gate
         else:
             gate = asyncio.Semaphore(tier.max_connections)
-        return cls(session, tier, max_response_bytes, gate, timeout, redactor)
+        return cls(session, tier, max_response_bytes, gate, timeout, redactor, _tls(tier))
 
     def post(self, out: Outbound) -> aiohttp.client._RequestContextManager:
         tier = self.tier
@@ -148,7 +150,19 @@ class Target:
             headers=out.headers_for(tier),
             timeout=self.client_timeout,
             allow_redirects=False,
+            ssl=self.tls,
+            proxy=tier.transport.http_proxy,
         )
+
+
+def _tls(tier: Tier) -> ssl.SSLContext | bool:
+    """Built once per tier: loading a CA file per request would cost milliseconds."""
+    transport = tier.transport
+    if not transport.verify_tls:
+        return False
+    if transport.ca_bundle is not None:
+        return ssl.create_default_context(cafile=transport.ca_bundle)
+    return True
 
 
 async def attempt(target: Target, out: Outbound, rec: AttemptRecord, timeout: float, commit: Committer | None) -> Reply:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from proxy.config import Config
+from urllib.parse import urlsplit
+
+from proxy.config import Config, Transport
 from proxy.gateway.routing import RouteHints, make_plan
 
 
@@ -17,6 +19,9 @@ def describe(config: Config) -> str:
         lines.append(f"  {t.id:<8} {kind:<4} {t.model} at {t.base_url}  timeout {t.timeout:g}s  {key}  -> {status}")
         if t.aliases:
             lines.append(f"           aliases: {', '.join(t.aliases)}")
+        reach = _transport(t.transport)
+        if reach:
+            lines.append(f"           {reach}")
     lines += ["", "routes:"]
     for label, hints in (
         ("default", RouteHints()),
@@ -39,6 +44,18 @@ def describe(config: Config) -> str:
     if config.warnings:
         lines += ["", "warnings:", *(f"  - {w}" for w in config.warnings)]
     return "\n".join(lines)
+
+
+def _transport(t: Transport) -> str:
+    parts = []
+    if t.ca_bundle is not None:
+        parts.append(f"TLS checked against {t.ca_bundle}")
+    if not t.verify_tls:
+        parts.append("TLS certificates NOT checked (verify_tls: false)")
+    if t.http_proxy is not None:
+        u = urlsplit(t.http_proxy)
+        parts.append(f"through the proxy {u.scheme}://{u.hostname}{f':{u.port}' if u.port else ''}")
+    return "; ".join(parts)
 
 
 def _server(config: Config) -> str:
