@@ -106,3 +106,94 @@ async def test_100_concurrent_paid_calls_against_a_budget_of_10(
     assert paid >= BUDGET / PER_CALL, "the budget itself is usable"
     assert sims.sims["kimi"].hits == paid, "a call over budget never reaches the paid tier"
     assert factor <= 1 + PER_CALL / BUDGET, f"spent {spent} of a {BUDGET} budget ({paid} paid calls)"
+
+
+async def test_upstreams_that_echo_the_key_they_received(
+    sims: SimThread, tmp_path: Path, session: aiohttp.ClientSession, observe: Observation
+) -> None:
+    """Every tier echoes the Authorization it received in its body, headers and stream events, in
+    every status class, streamed and not: the paid tier's key appears nowhere the proxy writes."""
+    sims.reset()
+    urls = {n: s.url for n, s in sims.sims.items()}
+    config = proxy_config({}, tmp_path / "ledger.db", tiers=tiers_for(urls, timeout=5.0))
+    proc = ProxyProc.start(tmp_path, config, KIMI_ENV)
+    seen: list[bytes] = []
+    statuses = (200, 301, 307, 400, 401, 429, 500)
+    try:
+        for status in statuses:
+            for stream in (False, True):
+                for sim in sims.sims.values():
+                    sim.always(Behaviour(status=status, echo_auth=True))
+                headers = {"X-Tier": "kimi", "X-Fallback": "off"}
+                async with session.post(proc.chat_url, json={**BODY, "stream": stream}, headers=headers) as r:
+                    seen.append(str(r.headers).encode() + await r.read())
+        async with session.get(f"{proc.url}/metrics") as r:
+            seen.append(await r.read())
+        assert await proc.stop() == 0
+    finally:
+        proc.kill()
+    key = KIMI_ENV["TEST_KIMI_KEY"].encode()
+    assert sims.sims["kimi"].stats.requests, "the paid tier was called"
+    received = sims.sims["kimi"].stats.requests[-1].headers.get("authorization", "")
+    assert key.decode() in received, "the upstream really had the key to echo"
+    places = {
+        "responses": b"".join(seen),
+        "log": proc.log.read_bytes(),
+        "ledger": b"".join(p.read_bytes() for p in tmp_path.glob("ledger.db*")),
+    }
+    found = {name: data.count(key) for name, data in places.items()}
+    observe.fault = f"upstreams echoing their key in statuses {', '.join(map(str, statuses))}, streamed and not"
+    observe.client = f"{len(seen) - 1} answers read; [redacted] in them: {places['responses'].count(b'[redacted]')}"
+    observe.hits = sims.hits()
+    observe.extra = {"keys_found": sum(found.values()), **{f"in_{k}": v for k, v in found.items()}}
+    assert b"[redacted]" in places["responses"], "the echoes came back, cleaned"
+    assert found == {"responses": 0, "log": 0, "ledger": 0}, found
+
+
+async def test_a_breaker_opening_with_calls_in_flight_stays_open(
+    sims: SimThread, tmp_path: Path, session: aiohttp.ClientSession, observe: Observation
+) -> None:
+    """Slow calls to the primary are in flight when fast failures open its breaker (cooldown 1.5 s);
+    the slow calls then succeed: the breaker stays open until its cooldown ends and a probe succeeds."""
+    sims.reset()
+    urls = {n: s.url for n, s in sims.sims.items()}
+    config = proxy_config({}, tmp_path / "ledger.db", tiers=tiers_for(urls, timeout=5.0))
+    config["routing"] = {"escalate_after_failures": 3, "breaker_cooldown_seconds": 1.5}
+    proc = ProxyProc.start(tmp_path, config, KIMI_ENV)
+    llama = sims.sims["llama"]
+    llama.script(*[Behaviour(headers_delay=0.5)] * 5, *[Behaviour(status=500)] * 3)
+    states: list[str] = []
+    try:
+
+        async def call(headers: dict[str, str] | None = None) -> int:
+            async with session.post(proc.chat_url, json=BODY, headers=headers or {}) as r:
+                await r.read()
+                return r.status
+
+        async def breaker() -> str:
+            async with session.get(f"{proc.url}/readyz") as r:
+                return str((await r.json())["tiers"]["llama"]["breaker"])
+
+        slow = [asyncio.create_task(call()) for _ in range(5)]
+        await asyncio.sleep(0.2)  # the slow ones are in flight
+        for _ in range(3):  # X-Fallback: off, so each failure is llama's alone
+            await call({"X-Fallback": "off", "X-Tier": "llama"})
+        states.append(await breaker())
+        await asyncio.gather(*slow)  # five successes of calls that started before it opened
+        await asyncio.sleep(0.1)
+        states.append(await breaker())
+        await asyncio.sleep(1.5)  # past the cooldown: the next call is the probe
+        states.append(await breaker())
+        assert await call() == 200
+        states.append(await breaker())
+        assert await proc.stop() == 0
+    finally:
+        proc.kill()
+    closed_early = int(states[1] != "open")
+    observe.fault = "5 slow calls in flight while 3 failures open the primary's breaker (cooldown 1.5 s)"
+    observe.client = (
+        f"breaker: {' -> '.join(states)} (after opening, after the in-flight successes, after 2 s, after a probe)"
+    )
+    observe.hits = sims.hits()
+    observe.extra = {"breaker_closed_early": closed_early}
+    assert states == ["open", "open", "half_open", "closed"], states
