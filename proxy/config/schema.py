@@ -70,6 +70,9 @@ class ServerSpec(Strict, frozen=True):
     # A connection must send a complete request head within this of opening or of its previous
     # response, else it is closed: idle keep-alive connections and slowloris clients alike.
     idle_timeout_seconds: Positive = 30.0
+    # Client connections held at once; one more gets a 503 and is closed, so the descriptors left
+    # stay free for upstream connections and the ledger (see the open-files limit in deploy/).
+    max_connections: AtLeastOne = 10_000
 
 
 class ClientKeySpec(Strict, frozen=True):
