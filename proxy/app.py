@@ -19,6 +19,7 @@ from proxy.gateway.auth import client_keys
 from proxy.gateway.client_io import expect, openai_errors
 from proxy.gateway.state import STATE, ProxyState
 from proxy.ledger import Ledger, StoreError
+from proxy.ledger.store import StoreUnusable
 from proxy.ops import endpoints
 from proxy.ops.reload import sighup_reloads
 
@@ -63,7 +64,12 @@ def create_app(
 
 
 class LedgerUnavailable(Exception):
-    """The ledger cannot be opened or read at start: serving would count budgets from $0."""
+    """The ledger cannot be opened or read at start: serving would count budgets from $0.
+    `lasting`: no retry fixes it (not a database, corrupt, no permission), a person must act."""
+
+    def __init__(self, message: str, *, lasting: bool) -> None:
+        super().__init__(message)
+        self.lasting = lasting
 
 
 async def _ledger(app: web.Application, *, required: bool) -> AsyncIterator[None]:
@@ -73,12 +79,14 @@ async def _ledger(app: web.Application, *, required: bool) -> AsyncIterator[None
     try:
         await ledger.start(required=required)
     except StoreError as e:
-        raise LedgerUnavailable(_unavailable(ledger, "cannot be opened", e)) from e
+        raise LedgerUnavailable(
+            _unavailable(ledger, "cannot be opened", e), lasting=isinstance(e, StoreUnusable)
+        ) from e
     try:
         await _load_spend(state, ledger, required=required)
     except StoreError as e:
         await ledger.close()
-        raise LedgerUnavailable(_unavailable(ledger, "cannot be read", e)) from e
+        raise LedgerUnavailable(_unavailable(ledger, "cannot be read", e), lasting=isinstance(e, StoreUnusable)) from e
     try:
         yield
     finally:

@@ -43,7 +43,9 @@ def serve(
         run_until_stopped(app, host, port, config.server, _new_loop())
     except LedgerUnavailable as e:
         log.error("%s", e)
-        return 1
+        # 2, like a config error, tells a supervisor (systemd's RestartPreventExitStatus=2) that
+        # restarting will not help; a ledger still locked after the retries may be free later.
+        return 2 if e.lasting else 1
     return 0
 
 
