@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
@@ -130,6 +132,8 @@ def run_until_stopped(
                 loop.run_until_complete(main)
         _cancel_leftovers(loop)
         loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.run_until_complete(_threads_done())
         loop.close()
 
 
@@ -155,6 +159,16 @@ async def _listen(app: web.Application, host: str, port: int, spec: ServerSpec) 
         raise
     finally:
         await runner.cleanup()
+
+
+async def _threads_done(timeout: float = 1.0) -> None:
+    """Wait briefly for worker threads: one that ends after the loop is closed cannot post its
+    result to it and prints a traceback (aiosqlite's, after a database that failed to open)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+        t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()
+    ):
+        await asyncio.sleep(0.01)
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
