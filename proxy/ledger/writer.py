@@ -64,6 +64,7 @@ class Ledger:
         store: Store | None = None,
         on_cost: CostListener | None = None,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        start_retry_delays: Sequence[float] = START_RETRY_DELAYS,
         busy_timeout_ms: int = 2000,
         hold_retry_seconds: float = HOLD_RETRY_SECONDS,
         linger: float = LINGER_SECONDS,
@@ -76,6 +77,7 @@ class Ledger:
         self._batch_size = config.ledger.batch_size
         self._on_cost = on_cost
         self._retry_delays = tuple(retry_delays)
+        self._start_retry_delays = tuple(start_retry_delays)
         self._queue: deque[LedgerEntry] = deque()
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
@@ -114,12 +116,12 @@ class Ledger:
         A store that cannot be opened is logged, not raised: the proxy serves anyway and
         the writer keeps retrying, spilling meanwhile. With `required` (`proxy serve`) it is
         raised instead, since budgets would count from zero: a busy or locked store is retried
-        for START_RETRY_DELAYS first, one that no retry fixes (StoreUnusable) is not.
+        for `start_retry_delays` first, one that no retry fixes (StoreUnusable) is not.
         """
         if self._task is not None:
             return
         try:
-            await self._open(retry_delays=START_RETRY_DELAYS if required else ())
+            await self._open(retry_delays=self._start_retry_delays if required else ())
         except StoreError as e:
             if required:
                 raise
