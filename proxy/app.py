@@ -4,6 +4,7 @@ SIGHUP reloads)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -18,6 +19,7 @@ from proxy.gateway.auth import client_keys
 from proxy.gateway.client_io import expect, openai_errors
 from proxy.gateway.state import STATE, ProxyState
 from proxy.ledger import Ledger, StoreError
+from proxy.ledger.store import StoreUnusable
 from proxy.ops import endpoints
 from proxy.ops.reload import sighup_reloads
 
@@ -30,17 +32,20 @@ def create_app(
     db_path: str | None = None,
     config_path: str | None = None,
     with_ledger: bool = True,
+    require_ledger: bool = False,
     rng: random.Random | None = None,
 ) -> web.Application:
     """The proxy app. Records go to the SQLite ledger at `db_path` (default: the config's), or
     nowhere with `with_ledger=False` (tests, embedding). With `config_path`, SIGHUP reloads
-    that file."""
+    that file. With `require_ledger` (`proxy serve`), a ledger that cannot be opened or whose
+    spend cannot be read makes the app's startup raise LedgerUnavailable; without it the app
+    serves anyway, spilling rows and counting spend from 0."""
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[openai_errors, client_keys])
     ledger_path = (db_path or config.ledger.path) if with_ledger else None
     state = app[STATE] = ProxyState.build(config, ledger_path=ledger_path, rng=rng)
     if state.ledger is not None:
         # Registered first so it is torn down last: the queue drains after the last request.
-        app.cleanup_ctx.append(_ledger)
+        app.cleanup_ctx.append(functools.partial(_ledger, required=require_ledger))
     app.cleanup_ctx.append(_upstream_session)
     if config_path is not None:
         state.config_path = config_path
@@ -58,12 +63,30 @@ def create_app(
     return app
 
 
-async def _ledger(app: web.Application) -> AsyncIterator[None]:
+class LedgerUnavailable(Exception):
+    """The ledger cannot be opened or read at start: serving would count budgets from $0.
+    `lasting`: no retry fixes it (not a database, corrupt, no permission), a person must act."""
+
+    def __init__(self, message: str, *, lasting: bool) -> None:
+        super().__init__(message)
+        self.lasting = lasting
+
+
+async def _ledger(app: web.Application, *, required: bool) -> AsyncIterator[None]:
     state = app[STATE]
     ledger = state.ledger
     assert ledger is not None
-    await ledger.start()
-    await _load_spend(state, ledger)
+    try:
+        await ledger.start(required=required)
+    except StoreError as e:
+        raise LedgerUnavailable(
+            _unavailable(ledger, "cannot be opened", e), lasting=isinstance(e, StoreUnusable)
+        ) from e
+    try:
+        await _load_spend(state, ledger, required=required)
+    except StoreError as e:
+        await ledger.close()
+        raise LedgerUnavailable(_unavailable(ledger, "cannot be read", e), lasting=isinstance(e, StoreUnusable)) from e
     try:
         yield
     finally:
@@ -78,16 +101,30 @@ async def _ledger(app: web.Application) -> AsyncIterator[None]:
         )
 
 
-async def _load_spend(state: ProxyState, ledger: Ledger) -> None:
+def _unavailable(ledger: Ledger, what: str, e: StoreError) -> str:
+    where = ledger.store.location
+    return (
+        f"the ledger {where} {what}: {e}. Not starting: the budgets and client spend caps would count "
+        f"from $0. If the file is damaged or not a ledger, move it aside (mv {where} {where}.broken) "
+        "to start a new one or restore it from a backup; if it is unreadable, fix its permissions; "
+        "or point ledger.path / --db at the right file"
+    )
+
+
+async def _load_spend(state: ProxyState, ledger: Ledger, *, required: bool) -> None:
     """Spend so far, for the budgets and the client caps: before the first request is served,
-    so that nothing counts twice."""
+    so that nothing counts twice. With `required`, a failure is raised, not counted as $0."""
     try:
         await state.budget.load(ledger, time.time())
     except StoreError as e:
+        if required:
+            raise
         log.error("ledger: cannot load budget spend from %s: %s; counting from 0", ledger.store.location, e)
     try:
         await state.limits.load(ledger, time.time())
     except StoreError as e:
+        if required:
+            raise
         log.error("cannot load today's spend per client key from %s: %s; counting from 0", ledger.store.location, e)
 
 

@@ -25,7 +25,8 @@ import yaml
 
 from proxy.app import create_app
 from proxy.cli import build_parser
-from proxy.config import build_config, load_config
+from proxy.config import Config, build_config, load_config
+from proxy.ops.serve import FIXED_DESCRIPTORS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -383,6 +384,22 @@ def test_systemd_stop_timeout_exceeds_shutdown_timeout() -> None:
     assert float(service("TimeoutStopSec").removesuffix("s")) > max(default, repo)
 
 
+def descriptors_needed(config: Config) -> int:
+    """What `proxy serve` warns about when the open-files limit is below it."""
+    return config.server.max_connections + sum(t.max_connections for t in config.tiers) + FIXED_DESCRIPTORS
+
+
+def test_systemd_open_files_limit_covers_max_connections() -> None:
+    soft, _, hard = service("LimitNOFILE").partition(":")
+    hard = hard or soft  # LimitNOFILE=N sets both
+    # The seccomp filter denies setrlimit (~@resources): the proxy cannot raise the soft limit itself.
+    assert "~@privileged @resources" in unit()["Service.SystemCallFilter"]
+    assert soft == hard, "the proxy cannot raise its soft limit under this unit's seccomp filter"
+    for config in (load_config(None, {}), load_config(ROOT / "proxy.yaml", {})):
+        assert int(soft) >= descriptors_needed(config), "LimitNOFILE= is below what the config asks for"
+    assert "2" in service("RestartPreventExitStatus").split(), "exit 2 (config, unusable ledger): no restart"
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (Debian: systemd)")
 def test_systemd_analyze_verifies_the_unit_and_rates_it_hardened(tmp_path: Path) -> None:
     """systemd's own checks, offline: no unknown or misspelt setting, and an exposure of 1.4/10
@@ -487,6 +504,22 @@ def test_compose_proxy_service() -> None:
     env_files = [e["path"] if isinstance(e, dict) else e for e in proxy["env_file"]]
     assert "./proxy.env" in env_files
     assert "proxy.env" in (DEPLOY / ".gitignore").read_text().split(), "the filled-in proxy.env must not be committed"
+
+
+def test_compose_open_files_limit_covers_max_connections() -> None:
+    nofile = compose()["services"]["proxy"]["ulimits"]["nofile"]
+    soft, hard = (nofile, nofile) if isinstance(nofile, int) else (nofile["soft"], nofile["hard"])
+    config = build_config(deploy_configs()["proxy.docker.yaml"], "proxy.docker.yaml", env={})
+    assert min(soft, hard) >= descriptors_needed(config)
+
+
+def test_k8s_workloads_say_how_the_open_files_limit_is_set() -> None:
+    """Kubernetes has no nofile field: the manifests point at the README section that explains it."""
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "### Open files in Kubernetes" in readme
+    for file in ("deployment.yaml", "statefulset.example.yaml"):
+        text = (K8S / file).read_text(encoding="utf-8")
+        assert "raises its soft limit to the hard one" in text and '"Open files"' in text, file
 
 
 def test_compose_ollama_and_model_pull() -> None:

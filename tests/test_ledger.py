@@ -15,6 +15,7 @@ from proxy.config import Config, build_config
 from proxy.ledger import Ledger, LedgerEntry, Pricer, iso_utc, open_db, rebuild_rollups, spill_path
 from proxy.ledger.migrations import MIGRATIONS, migrate
 from proxy.ledger.spill import import_ledger
+from proxy.ledger.store import StoreError, StoreUnusable
 from proxy.records import (
     AttemptOutcome,
     AttemptRecord,
@@ -37,7 +38,14 @@ def make_config(store_text: bool = False, batch_size: int = 500) -> Config:
 
 def impatient(db: Path) -> Ledger:
     """A ledger that gives up on a busy or broken database within ~50 ms."""
-    return Ledger(make_config(), db, retry_delays=(0.01, 0.01), busy_timeout_ms=20, hold_retry_seconds=0.02)
+    return Ledger(
+        make_config(),
+        db,
+        retry_delays=(0.01, 0.01),
+        start_retry_delays=(0.05, 0.1, 0.2),
+        busy_timeout_ms=20,
+        hold_retry_seconds=0.02,
+    )
 
 
 def attempt(n: int, tier: str, outcome: AttemptOutcome = AttemptOutcome.OK, **kw: Any) -> AttemptRecord:
@@ -329,6 +337,52 @@ async def test_unopenable_database_spills_from_the_start(tmp_path: Path) -> None
     ledger.submit(call("a"))
     await ledger.close()
     assert ledger.stats.failed == 1
+
+
+async def test_a_required_store_that_no_retry_fixes_raises_at_once(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    db.write_bytes(b"a note, not a database\n" * 200)
+    ledger = impatient(db)
+    started = time.monotonic()
+    with pytest.raises(StoreUnusable, match="not a database"):
+        await ledger.start(required=True)
+    assert time.monotonic() - started < 0.1, "not retried: no retry turns a note into a database"
+    assert db.read_bytes() == b"a note, not a database\n" * 200
+    assert not ledger.spill_path.exists()
+
+
+async def test_a_required_store_that_is_locked_is_retried_until_free(tmp_path: Path) -> None:
+    """Another process holds an exclusive lock on a rollback-journal file while the proxy starts:
+    switching it to WAL fails with "database is locked" until the lock goes, then the start goes on."""
+    db = tmp_path / "ledger.db"
+    blocker = sqlite3.connect(db, timeout=0, isolation_level=None)
+    blocker.execute("CREATE TABLE other (x)")
+    blocker.execute("BEGIN EXCLUSIVE")
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.25, blocker.rollback)
+    ledger = impatient(db)
+    try:
+        started = time.monotonic()
+        await ledger.start(required=True)
+        assert time.monotonic() - started >= 0.25
+        ledger.submit(call("after-the-lock"))
+        await ledger.close()
+    finally:
+        blocker.close()
+    assert (ledger.stats.written, ledger.stats.spilled) == (1, 0)
+
+
+async def test_a_required_store_locked_for_good_raises_after_the_retries(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    blocker = sqlite3.connect(db, timeout=0, isolation_level=None)
+    blocker.execute("CREATE TABLE other (x)")
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="locked") as raised:
+            await impatient(db).start(required=True)
+        assert not isinstance(raised.value, StoreUnusable)
+    finally:
+        blocker.close()
 
 
 async def test_submit_never_raises(tmp_path: Path) -> None:

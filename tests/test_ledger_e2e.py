@@ -19,8 +19,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from proxy.app import create_app
+from proxy.app import LedgerUnavailable, create_app
 from proxy.gateway.state import STATE
+from proxy.ledger import spill_path
 from proxy.ledger.report_text import report_text
 from proxy.sim import Behaviour
 from tests.conftest import ProxyFactory, Upstream, make_config, tier_config
@@ -344,3 +345,23 @@ async def test_read_only_database_spills_then_imports(
     assert len(await rows(client, "SELECT id FROM requests")) == 11
     report = await (await client.get("/proxy/report")).json()
     assert report["ledger"]["imported"] == 10
+
+
+@pytest.mark.parametrize("required", [True, False], ids=["proxy-serve", "library"])
+async def test_a_ledger_that_is_not_a_database(
+    aiohttp_client: Any, upstreams: dict[str, Upstream], tmp_path: Path, required: bool
+) -> None:
+    """`proxy serve` (require_ledger) does not start over it: budgets would count from $0. Embedded
+    (the default), the app serves and spills, as it always did."""
+    db = tmp_path / "ledger.db"
+    db.write_bytes(b"not a ledger\n" * 500)
+    raw = {"tiers": tier_config(upstreams), "ledger": {"path": str(db)}, "budgets": {"daily_usd": 1}}
+    app = create_app(make_config(raw), require_ledger=required)
+    if required:
+        with pytest.raises(LedgerUnavailable, match=f"the ledger {db} cannot be opened: file is not a database"):
+            await aiohttp_client(app)
+        return
+    client = await aiohttp_client(app)
+    assert (await client.post("/v1/chat/completions", json={"model": "auto", **MSG})).status == 200
+    await client.close()
+    assert spill_path(db).exists() and db.read_bytes() == b"not a ledger\n" * 500

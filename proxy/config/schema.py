@@ -84,6 +84,9 @@ class ServerSpec(Strict, frozen=True):
     # With auth.keys configured, /metrics needs a valid key unless this is true (a scraper on a
     # trusted network without credentials); without keys /metrics is open either way.
     public_metrics: bool = False
+    # Client connections held at once; one more gets a 503 and is closed, so the descriptors left
+    # stay free for upstream connections and the ledger (see the open-files limit in deploy/).
+    max_connections: AtLeastOne = 10_000
 
 
 class ClientKeySpec(Strict, frozen=True):

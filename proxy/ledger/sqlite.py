@@ -17,7 +17,7 @@ from proxy.ledger.migrations import migrate
 from proxy.ledger.pricing import ZERO, from_nano
 from proxy.ledger.rollups import insert_rollups, rollback
 from proxy.ledger.rows import INSERT_ATTEMPT, INSERT_REQUEST, LedgerEntry, placeholders
-from proxy.ledger.store import RowsRejected, StoreError
+from proxy.ledger.store import RowsRejected, StoreError, StoreUnusable
 
 log = logging.getLogger("proxy.ledger")
 
@@ -118,9 +118,20 @@ class SqliteStore:
                 st = os.stat(self.path)
             except (sqlite3.Error, OSError) as e:
                 await self.close()
-                raise StoreError(str(e)) from e
+                raise (StoreUnusable if _unusable(e) else StoreError)(str(e)) from e
             self._file_id = (st.st_dev, st.st_ino)
         return self._conn
+
+
+# What no retry fixes: the file is not a ledger database, or this process may not open it.
+# Busy, locked, read-only, full and I/O errors may pass and are retried or spilled instead.
+_UNUSABLE_SQLITE = frozenset({"SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH"})
+
+
+def _unusable(e: BaseException) -> bool:
+    if isinstance(e, sqlite3.Error):
+        return getattr(e, "sqlite_errorname", "") in _UNUSABLE_SQLITE
+    return isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError))
 
 
 async def _existing_ids(conn: aiosqlite.Connection, ids: Sequence[str]) -> set[str]:

@@ -19,6 +19,11 @@ class StoreError(Exception):
     the same rows may succeed later, so retry, then spill."""
 
 
+class StoreUnusable(StoreError):
+    """The store is there but cannot be used at all (not a database, corrupt, no permission):
+    retrying will not help, a person has to act. `proxy serve` refuses to start over it."""
+
+
 class RowsRejected(StoreError):
     """The store refused the rows themselves (a constraint): the same rows fail again, so
     they are written one by one and the bad one dropped."""

@@ -22,12 +22,14 @@ from proxy.ledger.pricing import from_nano
 from proxy.ledger.rows import LedgerEntry, Pricer
 from proxy.ledger.spill import append_spill, import_spill
 from proxy.ledger.sqlite import SqliteStore
-from proxy.ledger.store import RowsRejected, Store, StoreError
+from proxy.ledger.store import RowsRejected, Store, StoreError, StoreUnusable
 from proxy.records import CallRecord
 
 log = logging.getLogger("proxy.ledger")
 
 DEFAULT_RETRY_DELAYS = (0.05, 0.25)
+# `proxy serve` waits this long in all for a locked ledger before refusing to start.
+START_RETRY_DELAYS = (0.1, 0.3, 0.6, 1.0)
 # When neither the database nor the spill file can be written, rows wait in memory (up to this
 # many) and are retried every HOLD_RETRY_SECONDS: a full or read-only disk usually comes back.
 MAX_HELD_ROWS = 100_000
@@ -62,6 +64,7 @@ class Ledger:
         store: Store | None = None,
         on_cost: CostListener | None = None,
         retry_delays: Sequence[float] = DEFAULT_RETRY_DELAYS,
+        start_retry_delays: Sequence[float] = START_RETRY_DELAYS,
         busy_timeout_ms: int = 2000,
         hold_retry_seconds: float = HOLD_RETRY_SECONDS,
         linger: float = LINGER_SECONDS,
@@ -74,6 +77,7 @@ class Ledger:
         self._batch_size = config.ledger.batch_size
         self._on_cost = on_cost
         self._retry_delays = tuple(retry_delays)
+        self._start_retry_delays = tuple(start_retry_delays)
         self._queue: deque[LedgerEntry] = deque()
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
@@ -106,22 +110,38 @@ class Ledger:
 
     # -- lifecycle
 
-    async def start(self) -> None:
+    async def start(self, *, required: bool = False) -> None:
         """Open and migrate the store, import any spill file, start the writer.
 
         A store that cannot be opened is logged, not raised: the proxy serves anyway and
-        the writer keeps retrying, spilling meanwhile.
+        the writer keeps retrying, spilling meanwhile. With `required` (`proxy serve`) it is
+        raised instead, since budgets would count from zero: a busy or locked store is retried
+        for `start_retry_delays` first, one that no retry fixes (StoreUnusable) is not.
         """
         if self._task is not None:
             return
         try:
-            await self.store.open()
+            await self._open(retry_delays=self._start_retry_delays if required else ())
         except StoreError as e:
+            if required:
+                raise
             log.error("ledger: cannot open %s: %s; requests will be spilled until it can be", self.store.location, e)
         else:
             await self._import_at_start()
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
         self._task.add_done_callback(_log_crash)
+
+    async def _open(self, *, retry_delays: Sequence[float]) -> None:
+        for delay in retry_delays:
+            try:
+                await self.store.open()
+                return
+            except StoreUnusable:
+                raise
+            except StoreError as e:
+                log.warning("ledger: cannot open %s yet: %s; retrying in %g s", self.store.location, e, delay)
+                await asyncio.sleep(delay)
+        await self.store.open()
 
     async def _import_at_start(self) -> None:
         try:

@@ -36,6 +36,7 @@ BREAKER_VALUES: Mapping[BreakerState, float] = {
 }
 
 _MS = 0.001
+REFUSAL_REASONS = ("max_connections", "out_of_descriptors")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,14 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=self.registry,
         )
+        connections = Counter(
+            "proxy_connections_refused",
+            "Client connections refused: max_connections (server.max_connections reached, answered 503) "
+            "or out_of_descriptors (accept failed for lack of file descriptors).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._refused = {r: connections.labels(r) for r in REFUSAL_REASONS}
         self._cost: dict[str, Decimal] = {}
         self._by_request: dict[_RequestKey, Counter] = {}
         self._by_tier: dict[str, _TierChildren] = {}
@@ -127,6 +136,10 @@ class Metrics:
         if len(attempts) == 1:
             overhead = rec.duration_ms - attempts[0].duration_ms
             self._added.observe(overhead * _MS if overhead > 0.0 else 0.0)
+
+    def connection_refused(self, reason: str) -> None:
+        """One client connection the listener refused (see proxy/ops/listener.py)."""
+        self._refused[reason].inc()
 
     def add_cost(self, tier: str, cost_usd: Decimal) -> None:
         """Add a priced request's cost. Summed as Decimal so the exported total is exact."""

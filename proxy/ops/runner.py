@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
+from collections.abc import Callable
 from contextlib import suppress
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.config import ServerSpec
 from proxy.gateway.client_io import protocol_error
+from proxy.gateway.state import STATE
+from proxy.ops.listener import Limits, Listener, bind
 
 log = logging.getLogger("proxy")
 
@@ -39,14 +45,28 @@ class _Handler(RequestHandler):
 
 
 class _Server(web.Server):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Live transports, dropped at connection_lost (when the descriptor is closed), not when
+        # the handler task ends as `connections` is: what server.max_connections counts.
+        self.open: set[RequestHandler] = set()
+
     def __call__(self) -> RequestHandler:
         return _Handler(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open.add(handler)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self.open.discard(handler)
+        super().connection_lost(handler, exc)
 
 
 class ProxyRunner(web.AppRunner):
     """An AppRunner whose connections answer protocol errors in OpenAI's format."""
 
-    async def _make_server(self) -> web.Server:
+    async def _make_server(self) -> _Server:
         made = await super()._make_server()
         return _Server(
             made.request_handler,
@@ -55,6 +75,32 @@ class ProxyRunner(web.AppRunner):
             loop=made._loop,
             **made._kwargs,
         )
+
+
+class ProxySite(web.BaseSite):
+    """A TCP site whose connections are accepted by `Listener`: within server.max_connections,
+    and out of file descriptors logged and waited out (see proxy/ops/listener.py)."""
+
+    def __init__(
+        self, runner: ProxyRunner, host: str, port: int, *, max_connections: int, on_refused: Callable[[str], None]
+    ) -> None:
+        super().__init__(runner)
+        self._host, self._port = host, port
+        self._max_connections = max_connections
+        self._on_refused = on_refused
+
+    @property
+    def name(self) -> str:
+        return f"http://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert isinstance(server, _Server)
+        limits = Limits(self._max_connections, lambda: len(server.open), self._on_refused)
+        listener = Listener(asyncio.get_running_loop(), server, bind(self._host, self._port, self._backlog), limits)
+        listener.start()
+        self._server = listener
 
 
 def runner_for(app: web.Application, spec: ServerSpec, *, handle_signals: bool = False) -> ProxyRunner:
@@ -86,6 +132,8 @@ def run_until_stopped(
                 loop.run_until_complete(main)
         _cancel_leftovers(loop)
         loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.run_until_complete(_threads_done())
         loop.close()
 
 
@@ -93,7 +141,14 @@ async def _listen(app: web.Application, host: str, port: int, spec: ServerSpec) 
     runner = runner_for(app, spec, handle_signals=True)  # SIGTERM/SIGINT raise GracefulExit here
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        metrics = app[STATE].metrics
+        site = ProxySite(
+            runner, host, port, max_connections=spec.max_connections, on_refused=metrics.connection_refused
+        )
+        await site.start()
+        config = app[STATE].config
+        usable = ", ".join(t.id for t in config.usable_tiers) or "none"
+        log.info("proxy listening on %s/v1 (config %s; usable tiers: %s)", site.name, config.source, usable)
         await asyncio.Event().wait()
     except asyncio.CancelledError:
         log.info(
@@ -104,6 +159,16 @@ async def _listen(app: web.Application, host: str, port: int, spec: ServerSpec) 
         raise
     finally:
         await runner.cleanup()
+
+
+async def _threads_done(timeout: float = 1.0) -> None:
+    """Wait briefly for worker threads: one that ends after the loop is closed cannot post its
+    result to it and prints a traceback (aiosqlite's, after a database that failed to open)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(
+        t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()
+    ):
+        await asyncio.sleep(0.01)
 
 
 def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import resource
 
-from proxy.app import create_app
+from proxy.app import LedgerUnavailable, create_app
 from proxy.config import Config
 from proxy.ops.logs import flush_logs_periodically, setup_logging
 from proxy.ops.runner import run_until_stopped
 
 log = logging.getLogger("proxy")
+
+# Descriptors the proxy needs besides client and upstream connections: the ledger (database,
+# WAL, shared memory, spill file), the loop's own, logging, Python's imports and threads.
+FIXED_DESCRIPTORS = 64
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -28,14 +33,19 @@ def serve(
     setup_logging(log_level, log_format, buffered=True)
     for w in config.warnings:
         log.warning("%s", w)
+    _check_open_files(config, raise_open_files_limit())
     host = _listen_host(config, host)
     port = config.server.port if port is None else port
     config_path = None if config.source.startswith("<") else config.source
-    app = create_app(config, db_path=db, config_path=config_path)
+    app = create_app(config, db_path=db, config_path=config_path, require_ledger=True)
     app.cleanup_ctx.append(flush_logs_periodically)
-    usable = ", ".join(t.id for t in config.usable_tiers) or "none"
-    log.info("proxy listening on http://%s:%d/v1 (config %s; usable tiers: %s)", host, port, config.source, usable)
-    run_until_stopped(app, host, port, config.server, _new_loop())
+    try:
+        run_until_stopped(app, host, port, config.server, _new_loop())
+    except LedgerUnavailable as e:
+        log.error("%s", e)
+        # 2, like a config error, tells a supervisor (systemd's RestartPreventExitStatus=2) that
+        # restarting will not help; a ledger still locked after the retries may be free later.
+        return 2 if e.lasting else 1
     return 0
 
 
@@ -66,3 +76,39 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one: the soft limit is often 1,024, which a
+    thousand idle clients use up, and then no connection, upstream or ledger file can be opened.
+    Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        # Linux never reports an infinite hard limit for NOFILE; elsewhere "infinite" cannot be
+        # set as a soft limit, and the current one is as good as a guess.
+        log.info("open files limit: %d", soft)
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warning("open files limit stays %d: cannot raise it to the hard limit %d: %s", soft, hard, e)
+        return soft
+    log.info("open files limit: %d (raised from %d to the hard limit)", hard, soft)
+    return hard
+
+
+def _check_open_files(config: Config, limit: int) -> None:
+    upstream = sum(t.max_connections for t in config.usable_tiers)
+    room = limit - upstream - FIXED_DESCRIPTORS
+    if config.server.max_connections <= room:
+        return
+    log.warning(
+        "the open files limit (%d) leaves room for about %d client connections next to the tiers' "
+        "max_connections (%d) and the ledger, but server.max_connections is %d: past that, new clients "
+        "wait or upstream calls fail. Raise the limit (systemd LimitNOFILE=, docker --ulimit nofile=, "
+        "ulimit -Hn) or lower server.max_connections",
+        limit,
+        max(room, 0),
+        upstream,
+        config.server.max_connections,
+    )

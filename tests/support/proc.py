@@ -4,6 +4,7 @@ fuzzing), `run_cli` for the other subcommands, and the loopback ports they need.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -12,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,9 +56,11 @@ class ProxyProc:
         env: dict[str, str] | None = None,
         *args: str,
         timeout: float = 15.0,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> ProxyProc:
         """Write `config` to workdir/proxy.yaml, serve it on a free port with `args` added, and
-        return once /healthz answers 200. `env` is added to this process' environment."""
+        return once /healthz answers 200. `env` is added to this process' environment;
+        `preexec_fn` runs in the child before it starts (e.g. to set its resource limits)."""
         workdir.mkdir(parents=True, exist_ok=True)
         cfg = workdir / "proxy.yaml"
         cfg.write_text(yaml.safe_dump(config, sort_keys=False))  # tier order is chain order
@@ -66,7 +69,12 @@ class ProxyProc:
         argv = [sys.executable, "-m", "proxy", "serve", "--config", str(cfg), "--port", str(port), *args]
         with log.open("ab") as err:  # appended: a restart in the same workdir keeps the first run's log
             popen = subprocess.Popen(
-                argv, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env={**os.environ, **(env or {})}
+                argv,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                cwd=REPO,
+                env={**os.environ, **(env or {})},
+                preexec_fn=preexec_fn,
             )
         proc = cls(popen, f"http://127.0.0.1:{port}", log, cfg, config.get("ledger", {}).get("path"))
         deadline = time.monotonic() + timeout
@@ -162,10 +170,16 @@ def _socket_peer_ports() -> dict[int, int]:
 
 
 async def start_proxy(
-    tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = None, *args: str
+    tmp_path: Path,
+    config: dict[str, Any],
+    env: dict[str, str] | None = None,
+    *args: str,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> ProxyProc:
     """ProxyProc.start from a test's event loop, which keeps serving (e.g. the upstreams) meanwhile."""
-    return await asyncio.to_thread(ProxyProc.start, tmp_path, config, env, *args)
+    return await asyncio.to_thread(
+        functools.partial(ProxyProc.start, tmp_path, config, env, *args, preexec_fn=preexec_fn)
+    )
 
 
 @dataclass
