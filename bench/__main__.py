@@ -17,6 +17,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -91,6 +92,37 @@ class System:
             self.overload_errors += r.errors
         else:
             self.errors += r.errors
+
+
+class QueueSampler:
+    """The proxy's ledger queue depth (GET /metrics) every 100 ms while it is saturated: the
+    writer must keep up with the proxy's highest rate, so the queue must stay short."""
+
+    def __init__(self, port: int) -> None:
+        self._url = f"http://127.0.0.1:{port}/metrics"
+        self._depths: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="queue-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                with urllib.request.urlopen(self._url, timeout=2) as r:
+                    text = r.read().decode()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("proxy_ledger_queue_depth "):
+                    self._depths.append(float(line.split()[1]))
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join(5)
+        d = sorted(self._depths)
+        if not d:
+            return {"samples": 0}
+        return {"samples": len(d), "median": d[len(d) // 2], "max": d[-1]}
 
 
 def body(model: str, stream: bool = False) -> bytes:
@@ -246,7 +278,10 @@ class Bench:
         for s in self.systems:
             pid = s.service.pid
             cpu0 = cpu_seconds(pid)
+            sampler = QueueSampler(s.service.port) if s.name == "proxy" else None
             r = self.wrk(s, s.plain, 32, self.plan.throughput_s)
+            if sampler is not None:
+                self.results["ledger_queue_at_saturation"] = sampler.stop()
             cpu = cpu_seconds(pid) - cpu0
             tput[s.name] = r.to_dict()
             res[s.name] = {"cpu_ms_per_request": cpu * 1000 / max(r.requests, 1), "cpu_s": cpu, **memory_mb(pid)}

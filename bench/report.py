@@ -126,6 +126,16 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         c("paced streams held (added gap p99 <= 5 ms)", _held_text(results, "proxy"), ">= 256", p["held"] >= 256),
         c("errors (fixed-load runs)", f"{p['errors']:.0f}", "0", p["errors"] == 0),
     ]
+    queue = results.get("ledger_queue_at_saturation", {})
+    if queue.get("samples"):
+        out.append(
+            c(
+                "ledger queue at saturation (32 in flight)",
+                f"max {queue['max']:.0f}, median {queue['median']:.0f} rows ({queue['samples']} samples)",
+                "<= 1,000 rows",
+                queue["max"] <= 1000,
+            )
+        )
     status = ledger.get("status", "n/a")
     if status == "n/a":
         out.append(c("lost ledger rows", "ledger: n/a (proxy serve wrote no ledger)", "0", None))
