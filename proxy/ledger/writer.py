@@ -1,9 +1,11 @@
 """The cost ledger: every client request and upstream attempt, written to a store in batches.
 
-`Ledger.submit` is called on the request path and only appends to an in-memory queue; one
-background task writes whatever has queued in a single transaction per batch, and the store
-keeps the daily rollup tables current in that same transaction. When the store keeps failing,
-rows go to a JSON-lines spill file next to it and are imported back on the next start.
+`Ledger.submit` is called on the request path: it appends the entry to the journal (one
+`os.write`, so a `kill -9` loses nothing the client was answered for: journal.py) and to an
+in-memory queue; one background task writes whatever has queued in a single transaction per
+batch, and the store keeps the daily rollup tables current in that same transaction. When the
+store keeps failing, rows go to a JSON-lines spill file next to it and are imported back on
+the next start.
 Schema and queries: docs/ledger.md.
 """
 
@@ -18,6 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from proxy.config import Config
+from proxy.ledger.journal import Journal, journal_base, replay
 from proxy.ledger.pricing import from_nano
 from proxy.ledger.rows import LedgerEntry, Pricer
 from proxy.ledger.spill import append_spill, import_spill
@@ -42,7 +45,7 @@ CostListener = Callable[[Decimal, CallRecord], None]
 class LedgerStats:
     written: int  # requests committed to the store
     spilled: int  # requests appended to the spill file instead
-    imported: int  # requests imported from a spill file at start
+    imported: int  # requests imported from a spill file or replayed from the journal at start
     queue_depth: int  # requests waiting for the writer
     failed: int  # requests lost: neither written nor spilled (each one was logged)
 
@@ -70,6 +73,8 @@ class Ledger:
             store = SqliteStore(path if path is not None else config.ledger.path, busy_timeout_ms=busy_timeout_ms)
         self.store = store
         self.spill_path = store.spill_path
+        self.journal_path = journal_base(store.spill_path)
+        self._journal: Journal | None = None  # opened by start()
         self._pricer = Pricer(config)
         self._batch_size = config.ledger.batch_size
         self._on_cost = on_cost
@@ -82,6 +87,7 @@ class Ledger:
         self._closed = False
         self._written = self._spilled = self._imported = self._failed = 0
         self._holding = False
+        self._requeued = 0  # entries put back at the queue's head, still owed by the journal
         self._hold_retry_seconds = hold_retry_seconds
         self._linger = linger
 
@@ -100,6 +106,10 @@ class Ledger:
         if self._closed:
             self._spill_now([entry])
             return
+        if self._journal is not None:
+            # Before the answer is released (the caller has not built it yet): what the client
+            # was answered for is on disk even if the process dies in the next instant.
+            self._journal.append(entry.to_json())
         self._queue.append(entry)
         self._drained.clear()
         self._wakeup.set()
@@ -107,7 +117,8 @@ class Ledger:
     # -- lifecycle
 
     async def start(self) -> None:
-        """Open and migrate the store, import any spill file, start the writer.
+        """Open and migrate the store, replay the journal of an unclean stop, import any spill
+        file, then open a fresh journal and start the writer.
 
         A store that cannot be opened is logged, not raised: the proxy serves anyway and
         the writer keeps retrying, spilling meanwhile.
@@ -119,9 +130,20 @@ class Ledger:
         except StoreError as e:
             log.error("ledger: cannot open %s: %s; requests will be spilled until it can be", self.store.location, e)
         else:
+            await self._replay_at_start()
             await self._import_at_start()
+        self._journal = Journal(self.journal_path)
+        self._journal.open()
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
         self._task.add_done_callback(_log_crash)
+
+    async def _replay_at_start(self) -> None:
+        try:
+            result = await replay(self.store, self.journal_path, batch_size=self._batch_size)
+        except (StoreError, OSError) as e:
+            log.error("ledger: cannot replay the journal %s.* yet: %s; kept for the next start", self.journal_path, e)
+            return
+        self._imported += result.replayed
 
     async def _import_at_start(self) -> None:
         try:
@@ -148,6 +170,8 @@ class Ledger:
             await self._drain()
         finally:
             self._closed = True
+            if self._journal is not None:
+                self._journal.close()
             await self.store.close()
 
     def reconfigure(self, config: Config) -> None:
@@ -185,8 +209,15 @@ class Ledger:
 
     async def _drain(self) -> None:
         while self._queue:
+            if self._journal is not None:
+                self._journal.rotate()
             n = min(len(self._queue), self._batch_size)
-            if not await self._write_batch([self._queue.popleft() for _ in range(n)]):
+            requeued = self._requeued
+            ok = await self._write_batch([self._queue.popleft() for _ in range(n)])
+            if self._journal is not None:
+                # Written, spilled or dropped as unstorable: no segment needs to keep those.
+                self._journal.committed(n - (self._requeued - requeued))
+            if not ok:
                 if self._closing:
                     return
                 await asyncio.sleep(self._hold_retry_seconds)
@@ -242,6 +273,7 @@ class Ledger:
             )
         self._holding = True
         self._queue.extendleft(reversed(batch))
+        self._requeued += len(batch)
         return False
 
     def _spill_now(self, batch: list[LedgerEntry]) -> None:
@@ -260,6 +292,8 @@ class Ledger:
 
     def _lost(self, n: int, error: OSError) -> None:
         self._failed += n
+        if self._journal is not None:
+            self._journal.keep()
         log.error(
             "ledger: LOST %d request record(s): database %s and spill file %s both failed (%s)",
             n,

@@ -1,0 +1,255 @@
+"""The journal: every ledger entry appended to a file beside the database the moment it is
+submitted, so that a call whose answer reached the client survives a `kill -9` of the proxy.
+
+`Ledger.submit` appends the entry's JSON line with one `os.write` to an O_APPEND file, before
+the request path releases the answer. That costs a few microseconds and no fsync: the data is
+in the kernel's page cache as soon as `write` returns, and killing the process does not lose
+the page cache (a power cut or kernel crash can: that is the database's `synchronous=NORMAL`
+guarantee too). The file is only read back at the next start, where the entries the
+database does not have yet are inserted (`replay`).
+
+The journal is a series of segments, `<db>.journal.<run>.<n>`. The writer starts a new
+segment when it takes a batch from the queue, and deletes a segment once every entry in it is
+committed to the store (or spilled, which is fsynced), so the files stay as small as the
+writer's backlog. Each live segment holds an exclusive flock: a replay skips a segment that
+another running proxy still owns, and the kernel drops the lock when its owner dies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from proxy.ledger.rows import LedgerEntry
+from proxy.ledger.store import RowsRejected, Store
+
+log = logging.getLogger("proxy.ledger")
+
+_SPILL_SUFFIX = ".spill.jsonl"
+NOT_JOURNALED = -1  # the segment number of entries the journal could not write
+
+
+def journal_base(spill: Path) -> Path:
+    """`<db>.journal`, beside the store's spill file `<db>.spill.jsonl`."""
+    return spill.with_name(spill.name.removesuffix(_SPILL_SUFFIX) + ".journal")
+
+
+def _segments(base: Path) -> list[Path]:
+    prefix = base.name + "."
+    try:
+        return sorted(p for p in base.parent.iterdir() if p.name.startswith(prefix) and not p.name.endswith(".jsonl"))
+    except FileNotFoundError:
+        return []
+
+
+class Journal:
+    """The segments of one running ledger. Not thread-safe: the event loop's thread only.
+
+    `append` must be called once for every entry the writer queues, in queue order, and
+    `committed(n)` once the first n of them are durable elsewhere: the journal keeps, per
+    segment, how many queued entries it holds, and deletes a segment when that reaches 0.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self._run = time.time_ns()
+        self._seq = 0
+        self._fd = -1
+        self._size = 0  # bytes in the current segment, to cut a short write back to whole lines
+        self._paths: dict[int, Path] = {}  # segments of this run not yet deleted
+        self._runs: deque[list[int]] = deque()  # [segment, queued entries] in queue order
+        self._failing = False
+        self._keep = False  # something was lost elsewhere: keep every segment for the next start
+
+    @property
+    def segment_count(self) -> int:
+        return len(self._paths)
+
+    def open(self) -> None:
+        self._open_next()
+
+    def append(self, line: bytes) -> None:
+        """Write one entry's line (one `os.write` unless the kernel takes it in parts)."""
+        seg = self._write(line + b"\n") if self._fd >= 0 else NOT_JOURNALED
+        runs = self._runs
+        if runs and runs[-1][0] == seg:
+            runs[-1][1] += 1
+        else:
+            runs.append([seg, 1])
+
+    def _write(self, data: bytes) -> int:
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)  # no half line for the next one to glue onto
+            self._failed(f"cannot append to {self._paths.get(self._seq)}: {e}")
+            return NOT_JOURNALED
+        self._size += len(data)
+        if self._failing:
+            self._failing = False
+            log.warning("ledger: the journal is writable again")
+        return self._seq
+
+    def rotate(self) -> None:
+        """New entries go to a fresh segment, so the current one can be deleted once the batch the
+        writer is about to take (and anything before it) is committed."""
+        if self._fd < 0 or self._size > 0:
+            self._open_next()
+
+    def committed(self, n: int) -> None:
+        """The first `n` queued entries are durable in the store or the spill file."""
+        runs = self._runs
+        while n > 0 and runs:
+            take = min(n, runs[0][1])
+            runs[0][1] -= take
+            n -= take
+            if runs[0][1] == 0:
+                runs.popleft()
+        self._release()
+
+    def keep(self) -> None:
+        """Entries were lost by the store and the spill file: leave every segment for a replay."""
+        if not self._keep:
+            self._keep = True
+            log.error("ledger: the journal %s.* is kept for the next start to replay", self.base)
+
+    def close(self) -> None:
+        """After the last batch: delete what is committed, keep the rest for the next start."""
+        self._close_fd()
+        self._release(final=True)
+
+    def _release(self, *, final: bool = False) -> None:
+        if self._keep:
+            return
+        needed = {seg for seg, count in self._runs if count}
+        for seg in [s for s in self._paths if s not in needed and (final or s != self._seq)]:
+            with contextlib.suppress(FileNotFoundError):
+                self._paths[seg].unlink()
+            del self._paths[seg]
+
+    def _open_next(self) -> None:
+        path = self.base.with_name(f"{self.base.name}.{self._run}.{self._seq + 1}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            self._failed(f"cannot create {path}: {e}")  # the current segment, if any, goes on
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: nobody else can hold it
+        self._close_fd()
+        self._seq += 1
+        self._fd, self._size = fd, 0
+        self._paths[self._seq] = path
+        self._release()
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+
+    def _failed(self, why: str) -> None:
+        if not self._failing:
+            self._failing = True
+            log.error("ledger: journal: %s; rows are still queued, but a crash now would lose them", why)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    replayed: int  # requests inserted from the journal
+    skipped: int  # requests the store had already (committed before the crash)
+    torn: int  # lines cut short by the crash (their write never returned: never acknowledged)
+    segments: int  # segment files read and deleted
+
+
+def _read_segment(path: Path) -> tuple[list[LedgerEntry], int, list[bytes]]:
+    """(entries, torn last lines, unreadable other lines)."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline; else a write the crash cut short
+    entries: list[LedgerEntry] = []
+    bad: list[bytes] = []
+    for line in lines:
+        if line.strip():
+            try:
+                entries.append(LedgerEntry.from_json(line))
+            except ValueError:
+                bad.append(line)
+    return entries, int(bool(tail.strip())), bad
+
+
+def _owned_elsewhere(path: Path) -> bool:
+    """Does a running process still hold this segment (another proxy on the same ledger)?"""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True  # gone meanwhile: nothing to do
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+async def _write_skipping_rejected(store: Store, chunk: list[LedgerEntry]) -> int:
+    try:
+        return await store.write(chunk, keep_duplicates=False)
+    except RowsRejected:
+        pass
+    n = 0
+    for entry in chunk:  # the store refuses one of them: a replay must not fail at every start for it
+        try:
+            n += await store.write([entry], keep_duplicates=False)
+        except RowsRejected as e:
+            log.error("ledger: journaled request %s cannot be stored (%s); dropped", entry.request.id, e)
+    return n
+
+
+async def replay(store: Store, base: Path, *, batch_size: int = 500) -> ReplayResult:
+    """Insert what a previous run journaled and the store lacks, then delete those segments.
+
+    Idempotent: an id already stored is skipped, so a crash during the replay (or between a
+    commit and the deletion) inserts nothing twice. Raises StoreError or OSError; a segment
+    is deleted only after all its entries are committed.
+    """
+    replayed = skipped = torn = done = 0
+    rejected: list[bytes] = []
+    for path in _segments(base):
+        if _owned_elsewhere(path):
+            continue
+        entries, cut, bad = _read_segment(path)
+        torn += cut
+        rejected += bad
+        for i in range(0, len(entries), batch_size):
+            chunk = entries[i : i + batch_size]
+            n = await _write_skipping_rejected(store, chunk)
+            replayed += n
+            skipped += len(chunk) - n
+        if bad:
+            with open(base.with_name(base.name + ".rejected.jsonl"), "ab") as f:
+                f.write(b"".join(b + b"\n" for b in bad))
+        path.unlink()
+        done += 1
+    if rejected:
+        log.error("ledger: %d unreadable journal line(s) were moved to %s.rejected.jsonl", len(rejected), base)
+    if done:
+        log.warning(
+            "ledger: replayed the journal of an unclean stop: %d request(s) recovered, %d already stored, "
+            "%d torn line(s) ignored, from %d segment(s)",
+            replayed,
+            skipped,
+            torn,
+            done,
+        )
+    return ReplayResult(replayed, skipped, torn, done)
