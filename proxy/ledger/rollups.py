@@ -10,6 +10,7 @@ from typing import Any
 
 import aiosqlite
 
+from proxy.ledger.bulk import execute_rows
 from proxy.ledger.pricing import (
     nano_to_float,
 )
@@ -222,8 +223,7 @@ async def rollback(conn: aiosqlite.Connection) -> None:
 async def insert_rollups(conn: aiosqlite.Connection, entries: Sequence[LedgerEntry]) -> None:
     """Add `entries` to the daily rollups, inside the caller's transaction."""
     rollup = Rollup(entries)
-    await conn.executemany(_UPSERT_USAGE, rollup.usage_params())
-    if rollup.attempts:
-        await conn.executemany(_UPSERT_ATTEMPTS, rollup.attempt_params())
-    if rollup.latency:
-        await conn.executemany(_UPSERT_LATENCY, rollup.latency_params())
+    # Each key occurs once per statement (summed above), as a multi-row upsert requires.
+    await execute_rows(conn, _UPSERT_USAGE, rollup.usage_params())
+    await execute_rows(conn, _UPSERT_ATTEMPTS, rollup.attempt_params())
+    await execute_rows(conn, _UPSERT_LATENCY, rollup.latency_params())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from proxy.ledger.bulk import execute_rows
 from proxy.ledger.migrations import migrate
 from proxy.ledger.pricing import ZERO, from_nano
 from proxy.ledger.rollups import insert_rollups, rollback
@@ -175,8 +176,6 @@ async def write_entries(
 
 
 async def _insert(conn: aiosqlite.Connection, entries: Sequence[LedgerEntry]) -> None:
-    await conn.executemany(INSERT_REQUEST, [e.request for e in entries])
-    attempt_rows = [a for e in entries for a in e.attempts]
-    if attempt_rows:
-        await conn.executemany(INSERT_ATTEMPT, attempt_rows)
+    await execute_rows(conn, INSERT_REQUEST, [e.request for e in entries])
+    await execute_rows(conn, INSERT_ATTEMPT, [a for e in entries for a in e.attempts])
     await insert_rollups(conn, entries)
