@@ -5,18 +5,23 @@ submitted, so that a call whose answer reached the client survives a `kill -9` o
 the request path releases the answer. That costs a few microseconds and no fsync: the data is
 in the kernel's page cache as soon as `write` returns, and killing the process does not lose
 the page cache (a power cut or kernel crash can: that is the database's `synchronous=NORMAL`
-guarantee too). The file is only read back at the next start, where the entries the
-database does not have yet are inserted (`replay`).
+guarantee too). The files are read back at the next start, where the entries the database
+does not have yet are inserted (`replay`).
 
 The journal is a series of segments, `<db>.journal.<run>.<n>`. The writer starts a new
 segment when it takes a batch from the queue, and deletes a segment once every entry in it is
 committed to the store (or spilled, which is fsynced), so the files stay as small as the
-writer's backlog. Each live segment holds an exclusive flock: a replay skips a segment that
-another running proxy still owns, and the kernel drops the lock when its owner dies.
+writer's backlog. When the writer falls far behind, entries past the queue's cap are kept only
+here: their segments are pinned, and the writer reads them back once it has caught up
+(`backlog_ready`), so memory stays bounded and nothing waits for a restart.
+
+Each live segment holds an exclusive flock: a replay skips a segment that another running
+proxy still owns, and the kernel drops the lock when its owner dies.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -33,6 +38,9 @@ log = logging.getLogger("proxy.ledger")
 
 _SPILL_SUFFIX = ".spill.jsonl"
 NOT_JOURNALED = -1  # the segment number of entries the journal could not write
+# Starts the line of an entry that is only in the journal (the queue was full): reading the
+# backlog back takes just those, so it needs no guess from request ids about what was stored.
+_BACKLOG = b"~"
 
 
 def journal_base(spill: Path) -> Path:
@@ -66,6 +74,7 @@ class Journal:
         self._runs: deque[list[int]] = deque()  # [segment, queued entries] in queue order
         self._failing = False
         self._keep = False  # something was lost elsewhere: keep every segment for the next start
+        self._pinned: dict[int, int] = {}  # segment -> entries in it that are only on disk
 
     @property
     def segment_count(self) -> int:
@@ -74,14 +83,21 @@ class Journal:
     def open(self) -> None:
         self._open_next()
 
-    def append(self, line: bytes) -> None:
-        """Write one entry's line (one `os.write` unless the kernel takes it in parts)."""
-        seg = self._write(line + b"\n") if self._fd >= 0 else NOT_JOURNALED
+    def append(self, line: bytes, *, queue: bool = True) -> bool:
+        """Write one entry's line (one `os.write` unless the kernel takes it in parts). Returns
+        whether the caller must queue the entry: unless `queue` is False and the line was written
+        (the queue is full: the writer reads it back from here later)."""
+        data = line + b"\n" if queue else _BACKLOG + line + b"\n"
+        seg = self._write(data) if self._fd >= 0 else NOT_JOURNALED
+        if not queue and seg != NOT_JOURNALED:
+            self._pinned[seg] = self._pinned.get(seg, 0) + 1
+            return False
         runs = self._runs
         if runs and runs[-1][0] == seg:
             runs[-1][1] += 1
         else:
             runs.append([seg, 1])
+        return True
 
     def _write(self, data: bytes) -> int:
         view = memoryview(data)
@@ -116,6 +132,27 @@ class Journal:
                 runs.popleft()
         self._release()
 
+    @property
+    def backlog(self) -> int:
+        """Entries only on disk, not in the writer's queue."""
+        return sum(self._pinned.values())
+
+    def backlog_ready(self) -> list[Path]:
+        """Pinned segments the queue no longer needs: the writer reads their entries back (those
+        already stored are skipped) and calls `replayed` for each."""
+        if not self._pinned:
+            return []
+        if self._seq in self._pinned:
+            self.rotate()
+        needed = {seg for seg, count in self._runs if count}
+        return [self._paths[s] for s in sorted(self._pinned) if s not in needed and s != self._seq]
+
+    def replayed(self, path: Path) -> None:
+        """`path` (from backlog_ready) was read back into the store and deleted."""
+        seg = next(s for s, p in self._paths.items() if p == path)
+        self._pinned.pop(seg, None)
+        del self._paths[seg]
+
     def keep(self) -> None:
         """Entries were lost by the store and the spill file: leave every segment for a replay."""
         if not self._keep:
@@ -130,7 +167,7 @@ class Journal:
     def _release(self, *, final: bool = False) -> None:
         if self._keep:
             return
-        needed = {seg for seg, count in self._runs if count}
+        needed = {seg for seg, count in self._runs if count}.union(self._pinned)
         for seg in [s for s in self._paths if s not in needed and (final or s != self._seq)]:
             with contextlib.suppress(FileNotFoundError):
                 self._paths[seg].unlink()
@@ -171,7 +208,7 @@ class ReplayResult:
     segments: int  # segment files read and deleted
 
 
-def _read_segment(path: Path) -> tuple[list[LedgerEntry], int, list[bytes]]:
+def _read_segment(path: Path, backlog_only: bool) -> tuple[list[LedgerEntry], int, list[bytes]]:
     """(entries, torn last lines, unreadable other lines)."""
     data = path.read_bytes()
     lines = data.split(b"\n")
@@ -179,6 +216,10 @@ def _read_segment(path: Path) -> tuple[list[LedgerEntry], int, list[bytes]]:
     entries: list[LedgerEntry] = []
     bad: list[bytes] = []
     for line in lines:
+        if line.startswith(_BACKLOG):
+            line = line[1:]
+        elif backlog_only:
+            continue
         if line.strip():
             try:
                 entries.append(LedgerEntry.from_json(line))
@@ -202,18 +243,46 @@ def _owned_elsewhere(path: Path) -> bool:
     return False
 
 
-async def _write_skipping_rejected(store: Store, chunk: list[LedgerEntry]) -> int:
+async def _write_skipping_rejected(store: Store, chunk: list[LedgerEntry], keep_duplicates: bool) -> int:
     try:
-        return await store.write(chunk, keep_duplicates=False)
+        return await store.write(chunk, keep_duplicates=keep_duplicates)
     except RowsRejected:
         pass
     n = 0
     for entry in chunk:  # the store refuses one of them: a replay must not fail at every start for it
         try:
-            n += await store.write([entry], keep_duplicates=False)
+            n += await store.write([entry], keep_duplicates=keep_duplicates)
         except RowsRejected as e:
             log.error("ledger: journaled request %s cannot be stored (%s); dropped", entry.request.id, e)
     return n
+
+
+async def replay_segment(
+    store: Store, path: Path, *, batch_size: int = 500, backlog_only: bool = False
+) -> ReplayResult:
+    """Insert the entries of one segment that the store lacks, then delete it. Raises StoreError
+    or OSError (the segment stays).
+
+    After a crash (`backlog_only=False`) any entry may be stored already, so known request ids
+    are skipped. A running writer reads back only the entries that never were in its queue
+    (`backlog_only`): none is stored yet, and a reused request id is kept as a live write keeps it;
+    they go in one transaction, so a failure halfway leaves nothing to write twice at the retry.
+    """
+    entries, torn, bad = await asyncio.to_thread(_read_segment, path, backlog_only)
+    replayed = skipped = 0
+    step = max(len(entries), 1) if backlog_only else batch_size
+    for i in range(0, len(entries), step):
+        chunk = entries[i : i + step]
+        n = await _write_skipping_rejected(store, chunk, keep_duplicates=backlog_only)
+        replayed += n
+        skipped += len(chunk) - n
+    if bad:
+        rejected = path.with_name(path.name.split(".journal.", 1)[0] + ".journal.rejected.jsonl")
+        with open(rejected, "ab") as f:
+            f.write(b"".join(b + b"\n" for b in bad))
+        log.error("ledger: %d unreadable journal line(s) of %s were moved to %s", len(bad), path, rejected)
+    path.unlink()
+    return ReplayResult(replayed, skipped, torn, 1)
 
 
 async def replay(store: Store, base: Path, *, batch_size: int = 500) -> ReplayResult:
@@ -224,25 +293,11 @@ async def replay(store: Store, base: Path, *, batch_size: int = 500) -> ReplayRe
     is deleted only after all its entries are committed.
     """
     replayed = skipped = torn = done = 0
-    rejected: list[bytes] = []
     for path in _segments(base):
         if _owned_elsewhere(path):
             continue
-        entries, cut, bad = _read_segment(path)
-        torn += cut
-        rejected += bad
-        for i in range(0, len(entries), batch_size):
-            chunk = entries[i : i + batch_size]
-            n = await _write_skipping_rejected(store, chunk)
-            replayed += n
-            skipped += len(chunk) - n
-        if bad:
-            with open(base.with_name(base.name + ".rejected.jsonl"), "ab") as f:
-                f.write(b"".join(b + b"\n" for b in bad))
-        path.unlink()
-        done += 1
-    if rejected:
-        log.error("ledger: %d unreadable journal line(s) were moved to %s.rejected.jsonl", len(rejected), base)
+        r = await replay_segment(store, path, batch_size=batch_size)
+        replayed, skipped, torn, done = replayed + r.replayed, skipped + r.skipped, torn + r.torn, done + 1
     if done:
         log.warning(
             "ledger: replayed the journal of an unclean stop: %d request(s) recovered, %d already stored, "

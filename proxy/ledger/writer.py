@@ -20,7 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from proxy.config import Config
-from proxy.ledger.journal import Journal, journal_base, replay
+from proxy.ledger.journal import Journal, journal_base, replay, replay_segment
 from proxy.ledger.pricing import from_nano
 from proxy.ledger.rows import LedgerEntry, Pricer
 from proxy.ledger.spill import append_spill, import_spill
@@ -35,6 +35,9 @@ DEFAULT_RETRY_DELAYS = (0.05, 0.25)
 # many) and are retried every HOLD_RETRY_SECONDS: a full or read-only disk usually comes back.
 MAX_HELD_ROWS = 100_000
 LINGER_SECONDS = 0.05  # how long the writer waits for a batch to fill
+# Past this many queued rows (~1 kB each) a new row is kept only in the journal, and the writer
+# reads it back from there once it has caught up: memory stays bounded when it falls behind.
+MAX_QUEUED_ROWS = 20_000
 HOLD_RETRY_SECONDS = 1.0
 
 # Told the exact cost of every priced request as it is submitted (budgets, client caps, metrics).
@@ -68,6 +71,7 @@ class Ledger:
         busy_timeout_ms: int = 2000,
         hold_retry_seconds: float = HOLD_RETRY_SECONDS,
         linger: float = LINGER_SECONDS,
+        max_queued: int = MAX_QUEUED_ROWS,
     ) -> None:
         if store is None:
             store = SqliteStore(path if path is not None else config.ledger.path, busy_timeout_ms=busy_timeout_ms)
@@ -90,6 +94,7 @@ class Ledger:
         self._requeued = 0  # entries put back at the queue's head, still owed by the journal
         self._hold_retry_seconds = hold_retry_seconds
         self._linger = linger
+        self._max_queued = max_queued
 
     # -- request path
 
@@ -106,11 +111,10 @@ class Ledger:
         if self._closed:
             self._spill_now([entry])
             return
-        if self._journal is not None:
-            # Before the answer is released (the caller has not built it yet): what the client
-            # was answered for is on disk even if the process dies in the next instant.
-            self._journal.append(entry.to_json())
-        self._queue.append(entry)
+        # Journaled before the answer is released (the caller has not built it yet): what the
+        # client was answered for is on disk even if the process dies in the next instant.
+        if self._journal is None or self._journal.append(entry.to_json(), queue=len(self._queue) < self._max_queued):
+            self._queue.append(entry)
         self._drained.clear()
         self._wakeup.set()
 
@@ -168,6 +172,7 @@ class Ledger:
                 await self._task
             # A record submitted between the writer's exit and here (or with no writer at all).
             await self._drain()
+            await self._read_back()
         finally:
             self._closed = True
             if self._journal is not None:
@@ -180,7 +185,8 @@ class Ledger:
 
     @property
     def stats(self) -> LedgerStats:
-        return LedgerStats(self._written, self._spilled, self._imported, len(self._queue), self._failed)
+        backlog = self._journal.backlog if self._journal is not None else 0
+        return LedgerStats(self._written, self._spilled, self._imported, len(self._queue) + backlog, self._failed)
 
     async def spend_since(self, day: str) -> Decimal:
         """Raises StoreError."""
@@ -198,6 +204,8 @@ class Ledger:
                 # Let a few more records arrive: one transaction for many rows costs far less
                 # CPU than many small ones, and nobody waits on the ledger.
                 await asyncio.sleep(self._linger)
+            if not self._queue and await self._read_back():
+                continue
             if not self._queue:
                 self._drained.set()
                 if self._closing:
@@ -206,6 +214,23 @@ class Ledger:
                 await self._wakeup.wait()
                 continue
             await self._drain()
+
+    async def _read_back(self) -> bool:
+        """Caught up: store what the journal alone holds (a full queue left it there). False when
+        there is nothing to do, or it cannot be done now (retried after the next batch)."""
+        if self._journal is None:
+            return False
+        progressed = False
+        for path in self._journal.backlog_ready():
+            try:
+                result = await replay_segment(self.store, path, batch_size=self._batch_size, backlog_only=True)
+            except (StoreError, OSError) as e:
+                log.warning("ledger: cannot store the journal's backlog %s yet: %s", path, e)
+                return False
+            self._written += result.replayed
+            self._journal.replayed(path)
+            progressed = True
+        return progressed
 
     async def _drain(self) -> None:
         while self._queue:
