@@ -61,8 +61,8 @@ async def replayed(db: Path) -> tuple[int, int, int, int]:
     return r.replayed, r.skipped, r.torn, r.segments
 
 
-def journal_of(db: Path, es: list[LedgerEntry]) -> Journal:
-    j = Journal(journal_base(Path(f"{db}.spill.jsonl")))
+def journal_of(db: Path, es: list[LedgerEntry], rotate_bytes: int = 1 << 20) -> Journal:
+    j = Journal(journal_base(Path(f"{db}.spill.jsonl")), rotate_bytes=rotate_bytes)
     j.open()
     for e in es:
         j.append(e.to_json())
@@ -123,9 +123,9 @@ async def test_a_torn_last_line_is_ignored(tmp_path: Path) -> None:
 
 async def test_rotation_deletes_a_segment_once_all_its_entries_are_committed(tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
-    j = journal_of(db, entries(3, "a"))
+    j = journal_of(db, entries(3, "a"), rotate_bytes=2000)
     first = segments(db)
-    j.rotate()  # the writer takes its batch of 3
+    j.rotate()  # the writer takes its batch of 3; the segment is past 2000 bytes
     for e in entries(2, "b"):
         j.append(e.to_json())
     assert len(segments(db)) == 2
@@ -133,10 +133,13 @@ async def test_rotation_deletes_a_segment_once_all_its_entries_are_committed(tmp
     assert segments(db)[0] == first[0], "one entry of the first segment is not committed yet"
     j.committed(1)
     assert first[0] not in segments(db) and len(segments(db)) == 1
+    j.rotate()  # 2 entries, not past 2000 bytes yet: the segment goes on
+    assert len(segments(db)) == 1
+    j.append(entries(1, "c")[0].to_json())
     j.rotate()
-    j.rotate()  # nothing appended since: no empty segment is made
+    j.rotate(force=True)  # nothing appended since: no empty segment is made
     assert len(segments(db)) == 2
-    j.committed(2)
+    j.committed(3)
     assert len(segments(db)) == 1, "the current segment stays open for the next entry"
     j.close()
     assert segments(db) == []

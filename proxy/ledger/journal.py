@@ -8,10 +8,13 @@ the page cache (a power cut or kernel crash can: that is the database's `synchro
 guarantee too). The files are read back at the next start, where the entries the database
 does not have yet are inserted (`replay`).
 
-The journal is a series of segments, `<db>.journal.<run>.<n>`. The writer starts a new
-segment when it takes a batch from the queue, and deletes a segment once every entry in it is
-committed to the store (or spilled, which is fsynced), so the files stay as small as the
-writer's backlog. When the writer falls far behind, entries past the queue's cap are kept only
+The journal is a series of segments, `<db>.journal.<run>.<n>`. When the writer takes a batch
+from the queue it starts a new segment if the current one has grown past ROTATE_BYTES, and it
+deletes a segment once every entry in it is committed to the store (or spilled, which is
+fsynced), so the files stay about as small as the writer's backlog. (Not a segment per batch:
+the first writes to a fresh file cost a hundred times more than appends to one.)
+
+When the writer falls far behind, entries past the queue's cap are kept only
 here: their segments are pinned, and the writer reads them back once it has caught up
 (`backlog_ready`), so memory stays bounded and nothing waits for a restart.
 
@@ -38,6 +41,7 @@ log = logging.getLogger("proxy.ledger")
 
 _SPILL_SUFFIX = ".spill.jsonl"
 NOT_JOURNALED = -1  # the segment number of entries the journal could not write
+ROTATE_BYTES = 1 << 20  # ~1,200 entries per segment
 # Starts the line of an entry that is only in the journal (the queue was full): reading the
 # backlog back takes just those, so it needs no guess from request ids about what was stored.
 _BACKLOG = b"~"
@@ -64,8 +68,9 @@ class Journal:
     segment, how many queued entries it holds, and deletes a segment when that reaches 0.
     """
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, rotate_bytes: int = ROTATE_BYTES) -> None:
         self.base = base
+        self._rotate_bytes = rotate_bytes
         self._run = time.time_ns()
         self._seq = 0
         self._fd = -1
@@ -115,10 +120,10 @@ class Journal:
             log.warning("ledger: the journal is writable again")
         return self._seq
 
-    def rotate(self) -> None:
-        """New entries go to a fresh segment, so the current one can be deleted once the batch the
-        writer is about to take (and anything before it) is committed."""
-        if self._fd < 0 or self._size > 0:
+    def rotate(self, *, force: bool = False) -> None:
+        """Once the current segment is large enough (or `force`), new entries go to a fresh one, so
+        the current one can be deleted once the entries in it are committed."""
+        if self._fd < 0 or (self._size >= self._rotate_bytes or (force and self._size > 0)):
             self._open_next()
 
     def committed(self, n: int) -> None:
@@ -143,7 +148,7 @@ class Journal:
         if not self._pinned:
             return []
         if self._seq in self._pinned:
-            self.rotate()
+            self.rotate(force=True)
         needed = {seg for seg, count in self._runs if count}
         return [self._paths[s] for s in sorted(self._pinned) if s not in needed and s != self._seq]
 
