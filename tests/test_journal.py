@@ -314,8 +314,9 @@ async def test_rows_only_in_the_journal_survive_a_crash(tmp_path: Path) -> None:
 
 
 async def test_a_batch_is_a_few_statements_however_many_rows(tmp_path: Path) -> None:
-    """Multi-row INSERTs: a batch of 500 requests with 1,000 attempts is written by a handful of
-    statements (each row of an executemany lets go of the GIL, which a busy loop makes slow)."""
+    """A batch of 500 requests with 1,000 attempts is written by a handful of statements, not one
+    per row (each row of an executemany lets go of the GIL, which a busy loop makes slow), and
+    the rows and rollups read back exactly."""
     db = tmp_path / "ledger.db"
     store = SqliteStore(db)
     await store.open()

@@ -3,41 +3,36 @@
 Each row of an `executemany` is one `sqlite3_step`, and Python's sqlite3 lets go of the GIL
 around every step. On a busy event loop the writer's thread then waits up to the
 interpreter's switch interval (5 ms) to get it back, once per row: a batch of 500 rows took
-seconds, and the queue grew faster than it drained. One multi-row INSERT is one step.
+seconds, and the queue grew faster than it drained. Here a batch goes in as ONE parameter, a
+JSON array of rows, unpacked by SQLite's `json_each`: one statement and one step per table,
+and the same SQL text whatever the batch size, so it is prepared once (a VALUES list per
+batch size would be a new statement, and a cached one, for every size).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import sqlite3
 from collections.abc import Sequence
 
 import aiosqlite
+import orjson
 
 
-@functools.cache
-def variable_limit() -> int:
-    """How many `?` one statement may hold in the SQLite this Python links (32766 since 3.32)."""
-    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
-        return int(conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
-
-
-@functools.lru_cache(maxsize=256)
-def many_rows(sql: str, n: int) -> str:
-    """`sql` (one `VALUES (?, ...)` group, optionally followed by an ON CONFLICT clause) for n rows."""
+@functools.lru_cache(maxsize=16)
+def from_json_rows(sql: str) -> str:
+    """`INSERT ... VALUES (?, ...) [ON CONFLICT ...]` as `INSERT ... SELECT ... FROM json_each(?)`."""
     head, sep, rest = sql.partition("VALUES (")
     group, close, tail = rest.partition(")")
     if not sep or not close:
         raise ValueError(f"not a one-row INSERT ... VALUES (...): {sql[:80]!r}")
-    return f"{head}VALUES {', '.join([f'({group})'] * n)}{tail}"
+    columns = ", ".join(f"value ->> {i}" for i in range(group.count("?")))
+    # WHERE true: without it SQLite would read ON CONFLICT as part of the SELECT's join.
+    return f"{head}SELECT {columns} FROM json_each(?) WHERE true{tail}"
 
 
 async def execute_rows(conn: aiosqlite.Connection, sql: str, rows: Sequence[Sequence[object]]) -> None:
-    """Run the one-row statement `sql` for every row, as few statements as the variable limit allows."""
-    if not rows:
-        return
-    per = max(1, variable_limit() // len(rows[0]))
-    for i in range(0, len(rows), per):
-        chunk = rows[i : i + per]
-        await conn.execute(many_rows(sql, len(chunk)), [v for row in chunk for v in row])
+    """Run the one-row statement `sql` for every row, as one statement. JSON keeps what the
+    columns need: integers as integers (nano-dollars), floats exactly (shortest round-trip
+    form), NULL, text."""
+    if rows:
+        await conn.execute(from_json_rows(sql), (orjson.dumps([tuple(r) for r in rows]),))
