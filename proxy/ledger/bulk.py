@@ -7,6 +7,9 @@ seconds, and the queue grew faster than it drained. Here a batch goes in as ONE 
 JSON array of rows, unpacked by SQLite's `json_each`: one statement and one step per table,
 and the same SQL text whatever the batch size, so it is prepared once (a VALUES list per
 batch size would be a new statement, and a cached one, for every size).
+
+Small batches still use `executemany`: they come when the loop is not busy, where a step per
+row costs little, and it is cheaper than building and unpacking JSON for a row or two.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from collections.abc import Sequence
 
 import aiosqlite
 import orjson
+
+# Below this many rows a batch is an executemany (see above).
+JSON_FROM_ROWS = 32
 
 
 @functools.lru_cache(maxsize=16)
@@ -34,5 +40,7 @@ async def execute_rows(conn: aiosqlite.Connection, sql: str, rows: Sequence[Sequ
     """Run the one-row statement `sql` for every row, as one statement. JSON keeps what the
     columns need: integers as integers (nano-dollars), floats exactly (shortest round-trip
     form), NULL, text."""
-    if rows:
+    if len(rows) >= JSON_FROM_ROWS:
         await conn.execute(from_json_rows(sql), (orjson.dumps([tuple(r) for r in rows]),))
+    elif rows:
+        await conn.executemany(sql, rows)
