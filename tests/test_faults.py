@@ -842,7 +842,8 @@ async def test_sigkill_and_restart(
     fresh: SimThread, tmp_path: Path, session: aiohttp.ClientSession, observe: Observation
 ) -> None:
     """SIGKILL during a burst of 100 requests: the ledger file passes integrity_check, opens, keeps every
-    row written before the kill with consistent attempts and rollups, and a restarted proxy adds rows."""
+    row written before the kill with consistent attempts and rollups; the restart replays the journal
+    (every burst call answered before the kill has its row), and the restarted proxy adds rows."""
     db = tmp_path / "ledger.db"
     config = proxy_config(urls(fresh), db)
     with own_proxy(tmp_path, config) as proc:
@@ -870,14 +871,24 @@ async def test_sigkill_and_restart(
     assert set(before) <= found, "every row written before the kill is still there"
     observe.hits = fresh.hits()
     fresh.reset()
+    complete = {
+        {k.lower(): v for k, v in r.headers.items()}["x-request-id"]
+        for r in results
+        if r.status == 200 and (not r.stream or r.body.endswith(b"data: [DONE]\n\n"))
+    }
     with own_proxy(tmp_path, config) as proc:
+        replayed = count_rows(db) - rows_after_kill  # the journal is replayed before the proxy listens
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            found = {r[0] for r in conn.execute("SELECT id FROM requests")}
+        assert complete <= found, f"{len(complete - found)} answered calls have no row after the restart"
         after = [request_id(f"after-{i}") for i in range(5)]
         statuses = [(await chat(session, proc, rid=r)).status for r in after]
         assert statuses == [200] * 5
-        assert wait_count(db, rows_after_kill + 5) == rows_after_kill + 5
+        assert wait_count(db, rows_after_kill + replayed + 5) == rows_after_kill + replayed + 5
     consistent(db)
     observe.ledger = (
         f"integrity ok; {rows_after_kill} rows after the kill (20 written before it, all present); "
+        f"+{replayed} replayed from the journal at restart ({len(complete)} answered, all present); "
         f"+5 after restart; attempts and rollups consistent"
     )
 

@@ -26,6 +26,9 @@ from proxy.ops.logs import log_request
 from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# How a stream's last event ends, and how much of it to hold back: the line break that makes
+# the blank line an SSE client needs before it acts on [DONE] (a CR alone ends a line too).
+_DONE_ENDS = ((b"[DONE]\r\n\r\n", 2), (b"[DONE]\n\n", 1))
 
 
 def _request_id(request: web.Request, state: ProxyState) -> str:
@@ -63,6 +66,29 @@ async def post_chat_completions(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         close()
+
+
+class _DoneLast(web.StreamResponse):
+    """A committed stream that holds back the end of its `data: [DONE]` event until
+    `write_eof`, which chat calls only after the record is journaled: a client that saw its
+    stream complete has its ledger row even if the proxy is killed the next instant. The relay
+    writes whole events, so the check is a suffix test per write."""
+
+    _held = b""
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        data = self._held + bytes(data) if self._held else bytes(data)
+        self._held = b""
+        for end, keep in _DONE_ENDS:
+            if data.endswith(end):
+                data, self._held = data[:-keep], data[-keep:]
+                break
+        if data:
+            await super().write(data)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        held, self._held = self._held, b""
+        await super().write_eof(held + data)
 
 
 class _RecordCloser:
@@ -124,7 +150,7 @@ async def _handle_chat(
         headers = _headers(rec, state, arec)
         headers["Content-Type"] = "text/event-stream; charset=utf-8"
         headers["Cache-Control"] = "no-cache"
-        resp = web.StreamResponse(status=200, headers=headers)
+        resp = _DoneLast(status=200, headers=headers)
         committed.append(resp)
         # A client that left before the first event reached it cancels the request: that is not the tier's failure.
         await start_stream(resp, request, state.config.server)
@@ -138,8 +164,10 @@ async def _handle_chat(
         rec.route = Route.BUDGET
     _finish_record(rec, result)
     if committed:
-        if not await end_stream(committed[0]):
+        if request.transport is None or request.transport.is_closing():
             rec.outcome, rec.error = Outcome.CLIENT_CANCELLED, "client disconnected at the end of the stream"
+        close()  # journaled before write_eof releases the end of [DONE]
+        await end_stream(committed[0])
         return committed[0]
     close()
     return _respond(rec, result, state)

@@ -1,9 +1,11 @@
 """The cost ledger: every client request and upstream attempt, written to a store in batches.
 
-`Ledger.submit` is called on the request path and only appends to an in-memory queue; one
-background task writes whatever has queued in a single transaction per batch, and the store
-keeps the daily rollup tables current in that same transaction. When the store keeps failing,
-rows go to a JSON-lines spill file next to it and are imported back on the next start.
+`Ledger.submit` is called on the request path: it appends the entry to the journal (one
+`os.write`, so a `kill -9` loses nothing the client was answered for: journal.py) and to an
+in-memory queue; one background task writes whatever has queued in a single transaction per
+batch, and the store keeps the daily rollup tables current in that same transaction. When the
+store keeps failing, rows go to a JSON-lines spill file next to it and are imported back on
+the next start.
 Schema and queries: docs/ledger.md.
 """
 
@@ -18,6 +20,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from proxy.config import Config
+from proxy.ledger.journal import Journal, journal_base, replay, replay_segment
 from proxy.ledger.pricing import from_nano
 from proxy.ledger.rows import LedgerEntry, Pricer
 from proxy.ledger.spill import append_spill, import_spill
@@ -34,6 +37,9 @@ START_RETRY_DELAYS = (0.1, 0.3, 0.6, 1.0)
 # many) and are retried every HOLD_RETRY_SECONDS: a full or read-only disk usually comes back.
 MAX_HELD_ROWS = 100_000
 LINGER_SECONDS = 0.05  # how long the writer waits for a batch to fill
+# Past this many queued rows (~1 kB each) a new row is kept only in the journal, and the writer
+# reads it back from there once it has caught up: memory stays bounded when it falls behind.
+MAX_QUEUED_ROWS = 20_000
 HOLD_RETRY_SECONDS = 1.0
 
 # Told the exact cost of every priced request as it is submitted (budgets, client caps, metrics).
@@ -44,7 +50,7 @@ CostListener = Callable[[Decimal, CallRecord], None]
 class LedgerStats:
     written: int  # requests committed to the store
     spilled: int  # requests appended to the spill file instead
-    imported: int  # requests imported from a spill file at start
+    imported: int  # requests imported from a spill file or replayed from the journal at start
     queue_depth: int  # requests waiting for the writer
     failed: int  # requests lost: neither written nor spilled (each one was logged)
 
@@ -68,11 +74,14 @@ class Ledger:
         busy_timeout_ms: int = 2000,
         hold_retry_seconds: float = HOLD_RETRY_SECONDS,
         linger: float = LINGER_SECONDS,
+        max_queued: int = MAX_QUEUED_ROWS,
     ) -> None:
         if store is None:
             store = SqliteStore(path if path is not None else config.ledger.path, busy_timeout_ms=busy_timeout_ms)
         self.store = store
         self.spill_path = store.spill_path
+        self.journal_path = journal_base(store.spill_path)
+        self._journal: Journal | None = None  # opened by start()
         self._pricer = Pricer(config)
         self._batch_size = config.ledger.batch_size
         self._on_cost = on_cost
@@ -86,8 +95,10 @@ class Ledger:
         self._closed = False
         self._written = self._spilled = self._imported = self._failed = 0
         self._holding = False
+        self._requeued = 0  # entries put back at the queue's head, still owed by the journal
         self._hold_retry_seconds = hold_retry_seconds
         self._linger = linger
+        self._max_queued = max_queued
 
     # -- request path
 
@@ -104,14 +115,18 @@ class Ledger:
         if self._closed:
             self._spill_now([entry])
             return
-        self._queue.append(entry)
+        # Journaled before the answer is released (the caller has not built it yet): what the
+        # client was answered for is on disk even if the process dies in the next instant.
+        if self._journal is None or self._journal.append(entry.to_json(), queue=len(self._queue) < self._max_queued):
+            self._queue.append(entry)
         self._drained.clear()
         self._wakeup.set()
 
     # -- lifecycle
 
     async def start(self, *, required: bool = False) -> None:
-        """Open and migrate the store, import any spill file, start the writer.
+        """Open and migrate the store, replay the journal of an unclean stop, import any spill
+        file, then open a fresh journal and start the writer.
 
         A store that cannot be opened is logged, not raised: the proxy serves anyway and
         the writer keeps retrying, spilling meanwhile. With `required` (`proxy serve`) it is
@@ -127,7 +142,10 @@ class Ledger:
                 raise
             log.error("ledger: cannot open %s: %s; requests will be spilled until it can be", self.store.location, e)
         else:
+            await self._replay_at_start(required=required)
             await self._import_at_start()
+        self._journal = Journal(self.journal_path)
+        self._journal.open()
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
         self._task.add_done_callback(_log_crash)
 
@@ -142,6 +160,16 @@ class Ledger:
                 log.warning("ledger: cannot open %s yet: %s; retrying in %g s", self.store.location, e, delay)
                 await asyncio.sleep(delay)
         await self.store.open()
+
+    async def _replay_at_start(self, *, required: bool) -> None:
+        try:
+            result = await replay(self.store, self.journal_path, batch_size=self._batch_size)
+        except (StoreError, OSError) as e:
+            if required:  # its calls' spend is not in the store: budgets would count too little
+                raise StoreError(f"cannot replay the journal {self.journal_path}.*: {e}") from e
+            log.error("ledger: cannot replay the journal %s.* yet: %s; kept for the next start", self.journal_path, e)
+            return
+        self._imported += result.replayed
 
     async def _import_at_start(self) -> None:
         try:
@@ -166,8 +194,11 @@ class Ledger:
                 await self._task
             # A record submitted between the writer's exit and here (or with no writer at all).
             await self._drain()
+            await self._read_back()
         finally:
             self._closed = True
+            if self._journal is not None:
+                self._journal.close()
             await self.store.close()
 
     def reconfigure(self, config: Config) -> None:
@@ -176,7 +207,8 @@ class Ledger:
 
     @property
     def stats(self) -> LedgerStats:
-        return LedgerStats(self._written, self._spilled, self._imported, len(self._queue), self._failed)
+        backlog = self._journal.backlog if self._journal is not None else 0
+        return LedgerStats(self._written, self._spilled, self._imported, len(self._queue) + backlog, self._failed)
 
     async def spend_since(self, day: str) -> Decimal:
         """Raises StoreError."""
@@ -194,6 +226,8 @@ class Ledger:
                 # Let a few more records arrive: one transaction for many rows costs far less
                 # CPU than many small ones, and nobody waits on the ledger.
                 await asyncio.sleep(self._linger)
+            if not self._queue and await self._read_back():
+                continue
             if not self._queue:
                 self._drained.set()
                 if self._closing:
@@ -203,10 +237,34 @@ class Ledger:
                 continue
             await self._drain()
 
+    async def _read_back(self) -> bool:
+        """Caught up: store what the journal alone holds (a full queue left it there). False when
+        there is nothing to do, or it cannot be done now (retried after the next batch)."""
+        if self._journal is None:
+            return False
+        progressed = False
+        for path in self._journal.backlog_ready():
+            try:
+                result = await replay_segment(self.store, path, batch_size=self._batch_size, backlog_only=True)
+            except (StoreError, OSError) as e:
+                log.warning("ledger: cannot store the journal's backlog %s yet: %s", path, e)
+                return False
+            self._written += result.replayed
+            self._journal.replayed(path)
+            progressed = True
+        return progressed
+
     async def _drain(self) -> None:
         while self._queue:
+            if self._journal is not None:
+                self._journal.rotate()
             n = min(len(self._queue), self._batch_size)
-            if not await self._write_batch([self._queue.popleft() for _ in range(n)]):
+            requeued = self._requeued
+            ok = await self._write_batch([self._queue.popleft() for _ in range(n)])
+            if self._journal is not None:
+                # Written, spilled or dropped as unstorable: no segment needs to keep those.
+                self._journal.committed(n - (self._requeued - requeued))
+            if not ok:
                 if self._closing:
                     return
                 await asyncio.sleep(self._hold_retry_seconds)
@@ -262,6 +320,7 @@ class Ledger:
             )
         self._holding = True
         self._queue.extendleft(reversed(batch))
+        self._requeued += len(batch)
         return False
 
     def _spill_now(self, batch: list[LedgerEntry]) -> None:
@@ -280,6 +339,8 @@ class Ledger:
 
     def _lost(self, n: int, error: OSError) -> None:
         self._failed += n
+        if self._journal is not None:
+            self._journal.keep()
         log.error(
             "ledger: LOST %d request record(s): database %s and spill file %s both failed (%s)",
             n,

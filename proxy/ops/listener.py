@@ -21,7 +21,7 @@ import errno
 import logging
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 log = logging.getLogger("proxy")
@@ -67,7 +67,7 @@ class Burst:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_connections: int
-    open_connections: Callable[[], int]  # connections the server holds now
+    open_connections: Callable[[], Collection[object]]  # the live protocols the server holds now
     on_refused: Callable[[str], None]  # counted per reason: "max_connections" or "out_of_descriptors"
 
 
@@ -86,6 +86,9 @@ class Listener(asyncio.AbstractServer):
         self._socks = socks
         self._limits = limits
         self._connecting: set[asyncio.Task[object]] = set()
+        # Protocols handed over whose setup has not finished; once connection_made has run they
+        # are in the server's open set too, and must not be counted twice.
+        self._arriving: set[asyncio.Protocol] = set()
         self._paused: dict[socket.socket, asyncio.TimerHandle] = {}
         self._serving = False
         self._full = Burst("refusing connections: server.max_connections reached")
@@ -142,10 +145,14 @@ class Listener(asyncio.AbstractServer):
                 else:
                     log.error("accepting a connection failed: %s", e)
                 return
-            if self._limits.open_connections() + len(self._connecting) >= self._limits.max_connections:
+            if self._held() >= self._limits.max_connections:
                 self._refuse(conn)
             else:
                 self._hand_over(conn)
+
+    def _held(self) -> int:
+        live = self._limits.open_connections()
+        return len(live) + sum(1 for p in self._arriving if p not in live)
 
     def _pause(self, sock: socket.socket, e: OSError) -> None:
         """No descriptor for the next connection: stop accepting for a moment (clients wait in
@@ -153,7 +160,7 @@ class Listener(asyncio.AbstractServer):
         self._limits.on_refused("out_of_descriptors")
         self._exhausted.happened(
             f"{e.strerror} ({errno.errorcode.get(e.errno or 0, e.errno)}); "
-            f"{self._limits.open_connections()} client connections open; new clients wait until some close. "
+            f"{self._held()} client connections open; new clients wait until some close. "
             "Raise the open-files limit (systemd LimitNOFILE=, docker --ulimit nofile=, ulimit -n) "
             "or lower server.max_connections"
         )
@@ -185,12 +192,15 @@ class Listener(asyncio.AbstractServer):
         conn.setblocking(False)
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as create_server does
-        task: asyncio.Task[object] = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+        protocol = self._factory()
+        self._arriving.add(protocol)
+        task: asyncio.Task[object] = self._loop.create_task(self._loop.connect_accepted_socket(lambda: protocol, conn))
         self._connecting.add(task)
-        task.add_done_callback(lambda t: self._connected(t, conn))
+        task.add_done_callback(lambda t: self._connected(t, conn, protocol))
 
-    def _connected(self, task: asyncio.Task[object], conn: socket.socket) -> None:
+    def _connected(self, task: asyncio.Task[object], conn: socket.socket, protocol: asyncio.Protocol) -> None:
         self._connecting.discard(task)
+        self._arriving.discard(protocol)
         if task.cancelled():
             conn.close()
             return

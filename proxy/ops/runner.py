@@ -97,7 +97,7 @@ class ProxySite(web.BaseSite):
         await super().start()
         server = self._runner.server
         assert isinstance(server, _Server)
-        limits = Limits(self._max_connections, lambda: len(server.open), self._on_refused)
+        limits = Limits(self._max_connections, lambda: server.open, self._on_refused)
         listener = Listener(asyncio.get_running_loop(), server, bind(self._host, self._port, self._backlog), limits)
         listener.start()
         self._server = listener
