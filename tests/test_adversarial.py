@@ -9,8 +9,11 @@ one call's share).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +23,7 @@ import pytest
 import yaml
 
 from proxy.sim import Behaviour
-from tests.support.faults import KIMI_ENV, Observation, SimThread, proxy_config, tiers_for
+from tests.support.faults import KIMI_ENV, Observation, SimThread, chat_body, proxy_config, tiers_for
 from tests.support.faults import observe as observe  # a fixture, used by name
 from tests.support.proc import ProxyProc
 
@@ -42,6 +45,11 @@ def sims() -> Iterator[SimThread]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         yield s
+
+
+def ids(db: Path) -> set[str]:
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return {r[0] for r in conn.execute("SELECT id FROM requests")}
 
 
 def paid_spend(proc: ProxyProc) -> Decimal:
@@ -197,3 +205,83 @@ async def test_a_breaker_opening_with_calls_in_flight_stays_open(
     observe.hits = sims.hits()
     observe.extra = {"breaker_closed_early": closed_early}
     assert states == ["open", "open", "half_open", "closed"], states
+
+
+async def hammer(url: str, clients: int, seconds: float) -> tuple[set[str], int]:
+    """`clients` concurrent clients until the proxy dies (or `seconds`): the request ids whose
+    answer arrived whole (a 200 body, or a stream through `data: [DONE]`), and how many were cut."""
+    answered: set[str] = set()
+    cut = 0
+    stop = time.monotonic() + seconds
+
+    async def client(n: int, s: aiohttp.ClientSession) -> None:
+        nonlocal cut
+        i = 0
+        while time.monotonic() < stop:
+            i += 1
+            stream = (n + i) % 3 == 0
+            headers = {"X-Tier": "kimi"} if (n + i) % 4 == 0 else {}  # some of them paid
+            try:
+                async with s.post(url, json=chat_body(stream), headers=headers) as r:
+                    body = await r.read()
+                    done = body.endswith(b"data: [DONE]\n\n") if stream else bool(body)
+                    if r.status == 200 and done:
+                        answered.add(r.headers["X-Request-Id"])
+                    else:
+                        cut += 1
+            except (aiohttp.ClientError, TimeoutError):
+                cut += 1
+                return
+
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
+        await asyncio.gather(*(client(n, s) for n in range(clients)))
+    return answered, cut
+
+
+async def test_kill_9_under_load_loses_no_answered_call(sims: SimThread, tmp_path: Path, observe: Observation) -> None:
+    """50 clients hammer `proxy serve` (a third of them streams, a quarter on the paid tier); SIGKILL at
+    a random moment of the load; the restart on the same ledger has the row and every attempt row of
+    each call whose answer reached its client. Three rounds on one ledger."""
+    sims.reset()
+    db = tmp_path / "ledger.db"
+    config = proxy_config({n: s.url for n, s in sims.sims.items()}, db)
+    for sim in sims.sims.values():
+        sim.always(Behaviour(chunks=3))
+    all_answered: set[str] = set()
+    lost = 0
+    observe.fault = "kill -9 of proxy serve under load from 50 clients (a third streaming, a quarter paid), 3 rounds"
+    report = []
+    proc = await asyncio.to_thread(ProxyProc.start, tmp_path, config, KIMI_ENV)
+    try:
+        for round_ in range(3):
+            load = asyncio.create_task(hammer(proc.chat_url, 50, 4.0))
+            await asyncio.sleep(0.6 + 0.2 * round_)
+            os.kill(proc.pid, signal.SIGKILL)
+            answered, cut = await load
+            assert await proc.wait(5) == -signal.SIGKILL
+            assert len(answered) > 50, f"round {round_}: the load barely ran ({len(answered)} answered)"
+            all_answered |= answered
+            before = ids(db)
+            proc = await asyncio.to_thread(ProxyProc.start, tmp_path, config, KIMI_ENV)
+            after = ids(db)  # the replay is done before the proxy listens
+            missing = all_answered - after
+            lost += len(missing)
+            report.append(f"{len(answered)} answered, {len(answered - before)} only in the journal, {cut} cut")
+            observe.extra = {"acked_lost": lost, "rounds": round_ + 1, "answered": len(all_answered)}
+            observe.client = "; ".join(report)
+            assert not missing, f"round {round_}: {len(missing)} answered calls have no row: {sorted(missing)[:5]}"
+    finally:
+        proc.kill()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        marks = ",".join("?" * len(all_answered))
+        got = conn.execute(
+            f"SELECT r.id, r.attempts, count(a.n), r.outcome, r.paid FROM requests r"
+            f" LEFT JOIN attempts a ON a.request_id = r.id WHERE r.id IN ({marks}) GROUP BY r.id",
+            sorted(all_answered),
+        ).fetchall()
+    assert len(got) == len(all_answered)
+    assert all(n_rows == n >= 1 and outcome == "ok" for _, n, n_rows, outcome, _ in got), "every attempt row"
+    assert any(paid for *_, paid in got), "paid calls were among them"
+    assert "replayed the journal of an unclean stop" in proc.log_text()
+    print("; ".join(report))

@@ -1,26 +1,16 @@
-"""The ledger's journal: an answered call survives `kill -9` (a real `proxy serve` under load),
-and the journal's own rules (idempotent replay, a torn last line, rotation, live segments)."""
+"""The ledger's journal's own rules (idempotent replay, a torn last line, rotation, live segments);
+that an answered call survives `kill -9` of a real `proxy serve` under load is in
+tests/test_adversarial.py."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import os
 import shutil
-import signal
 import sqlite3
-import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import aiohttp
-import pytest
 
 from proxy.ledger import Ledger, LedgerEntry, Pricer, SqliteStore
 from proxy.ledger.journal import Journal, journal_base, replay
-from proxy.sim import Behaviour
-from tests.support.faults import KIMI_ENV, SimThread, chat_body, proxy_config
-from tests.support.proc import ProxyProc
 from tests.test_ledger import call, make_config
 
 TIERS = ("llama", "ollama", "kimi")
@@ -192,89 +182,6 @@ async def test_a_clean_close_and_a_busy_writer_keep_the_journal_small(tmp_path: 
 
 
 # ---------------------------------------------------------------------------- kill -9 under load
-
-
-@pytest.fixture
-def sims() -> Iterator[SimThread]:
-    thread = SimThread()
-    for name in TIERS:
-        thread.add(name)
-    yield thread
-    thread.close()
-
-
-async def hammer(url: str, clients: int, seconds: float) -> tuple[set[str], int]:
-    """`clients` concurrent clients until the proxy dies (or `seconds`): the request ids whose
-    answer arrived whole (a 200 body, or a stream through `data: [DONE]`), and how many were cut."""
-    answered: set[str] = set()
-    cut = 0
-    stop = time.monotonic() + seconds
-
-    async def client(n: int, s: aiohttp.ClientSession) -> None:
-        nonlocal cut
-        i = 0
-        while time.monotonic() < stop:
-            i += 1
-            stream = (n + i) % 3 == 0
-            headers = {"X-Tier": "kimi"} if (n + i) % 4 == 0 else {}  # some of them paid
-            try:
-                async with s.post(url, json=chat_body(stream), headers=headers) as r:
-                    body = await r.read()
-                    done = body.endswith(b"data: [DONE]\n\n") if stream else bool(body)
-                    if r.status == 200 and done:
-                        answered.add(r.headers["X-Request-Id"])
-                    else:
-                        cut += 1
-            except (aiohttp.ClientError, TimeoutError):
-                cut += 1
-                return
-
-    timeout = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as s:
-        await asyncio.gather(*(client(n, s) for n in range(clients)))
-    return answered, cut
-
-
-async def test_kill_9_under_load_loses_no_answered_call(sims: SimThread, tmp_path: Path) -> None:
-    """50 clients hammer `proxy serve` (a third of them streams, a quarter on the paid tier); SIGKILL at
-    a random moment of the load; the restart on the same ledger has the row and every attempt row of
-    each call whose answer reached its client. Three rounds on one ledger."""
-    db = tmp_path / "ledger.db"
-    config = proxy_config({n: sims.sims[n].url for n in TIERS}, db)
-    for name in TIERS:
-        sims.sims[name].always(Behaviour(chunks=3))
-    all_answered: set[str] = set()
-    report = []
-    proc = await asyncio.to_thread(ProxyProc.start, tmp_path, config, KIMI_ENV)
-    try:
-        for round_ in range(3):
-            load = asyncio.create_task(hammer(proc.chat_url, 50, 4.0))
-            await asyncio.sleep(0.6 + 0.2 * round_)
-            os.kill(proc.pid, signal.SIGKILL)
-            answered, cut = await load
-            assert await proc.wait(5) == -signal.SIGKILL
-            assert len(answered) > 50, f"round {round_}: the load barely ran ({len(answered)} answered)"
-            all_answered |= answered
-            before = ids(db)
-            proc = await asyncio.to_thread(ProxyProc.start, tmp_path, config, KIMI_ENV)
-            after = ids(db)  # the replay is done before the proxy listens
-            missing = all_answered - after
-            report.append(f"{len(answered)} answered, {len(answered - before)} only in the journal, {cut} cut")
-            assert not missing, f"round {round_}: {len(missing)} answered calls have no row: {sorted(missing)[:5]}"
-    finally:
-        proc.kill()
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        marks = ",".join("?" * len(all_answered))
-        got = conn.execute(
-            f"SELECT r.id, r.attempts, count(a.n), r.outcome, r.paid FROM requests r"
-            f" LEFT JOIN attempts a ON a.request_id = r.id WHERE r.id IN ({marks}) GROUP BY r.id",
-            sorted(all_answered),
-        ).fetchall()
-    assert len(got) == len(all_answered)
-    assert all(n_rows == n >= 1 and outcome == "ok" for _, n, n_rows, outcome, _ in got), "every attempt row"
-    assert any(paid for *_, paid in got), "paid calls were among them"
-    assert "replayed the journal of an unclean stop" in proc.log_text()
-    print("; ".join(report))
 
 
 async def test_past_the_queue_cap_rows_wait_in_the_journal_and_are_all_stored(tmp_path: Path) -> None:
