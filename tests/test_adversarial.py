@@ -200,7 +200,7 @@ async def test_a_breaker_opening_with_calls_in_flight_stays_open(
     closed_early = int(states[1] != "open")
     observe.fault = "5 slow calls in flight while 3 failures open the primary's breaker (cooldown 1.5 s)"
     observe.client = (
-        f"breaker: {' -> '.join(states)} (after opening, after the in-flight successes, after 2 s, after a probe)"
+        f"breaker: {' -> '.join(states)} (after opening, after the in-flight successes, after the cooldown, after a probe)"
     )
     observe.hits = sims.hits()
     observe.extra = {"breaker_closed_early": closed_early}
