@@ -199,9 +199,8 @@ async def test_a_breaker_opening_with_calls_in_flight_stays_open(
         proc.kill()
     closed_early = int(states[1] != "open")
     observe.fault = "5 slow calls in flight while 3 failures open the primary's breaker (cooldown 1.5 s)"
-    observe.client = (
-        f"breaker: {' -> '.join(states)} (after opening, after the in-flight successes, after the cooldown, after a probe)"
-    )
+    moments = "after opening, after the in-flight successes, after the cooldown, after a probe"
+    observe.client = f"breaker: {' -> '.join(states)} ({moments})"
     observe.hits = sims.hits()
     observe.extra = {"breaker_closed_early": closed_early}
     assert states == ["open", "open", "half_open", "closed"], states
