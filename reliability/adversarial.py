@@ -7,6 +7,18 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 ADVERSARIAL = "tests/test_adversarial.py"
+# The same promises checked case by case (in-process or through `proxy serve`): listed with their
+# results, so each row of the table has its case here.
+ALSO = (
+    "tests/test_spend_caps.py",
+    "tests/test_secrets.py",
+    "tests/test_redirects.py",
+    "tests/test_journal.py",
+    "tests/test_breakers.py",
+    "tests/test_slow_clients.py",
+    "tests/test_oslimits.py",
+)
+FILES = (ADVERSARIAL, *ALSO)
 
 # (figure the cases record in Observation.extra, what it is, its goal, how cases combine)
 FIGURES: tuple[tuple[str, str, str, Callable[[Iterable[float]], float]], ...] = (
@@ -21,6 +33,7 @@ def section(cases: list[Any], observations: dict[str, dict[str, Any]], add: Call
     mine = [c for c in cases if c.file == ADVERSARIAL]
     if not mine:
         return
+    others = [c for c in cases if c.file in ALSO]
     add("## Money and secrets under attack")
     add("")
     add(
@@ -47,6 +60,20 @@ def section(cases: list[Any], observations: dict[str, dict[str, Any]], add: Call
             f"| {_cell(obs.get('client', ''))} | {_cell(figures)} |"
         )
     add("")
+    if others:
+        add("The same promises, case by case:")
+        add("")
+        add("| file | case | result |")
+        add("|---|---|---|")
+        for c in others:
+            result = {"pass": "pass", "fail": "**FAIL**", "xfail": "**known bug**", "skip": "skipped"}[c.result]
+            add(f"| `{c.file.removeprefix('tests/')}` | {_cell(_words(c))} | {result} |")
+        add("")
+
+
+def _words(case: Any) -> str:
+    text = case.function.removeprefix("test_").replace("_", " ")
+    return f"{text} [{case.param}]" if case.param else text
 
 
 def _cell(text: Any) -> str:

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from reliability.adversarial import ADVERSARIAL
+from reliability.adversarial import FILES as ADVERSARIAL_FILES
 from reliability.adversarial import section as adversarial_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def run_suite(artifacts: Path | None, soak_requests: int | None, extra: list[str
         junit = out / "junit.xml"
         for p in (*paths.values(), observations, junit):
             p.unlink(missing_ok=True)
-        files = [FAULTS, ADVERSARIAL, SOAK]
+        files = [FAULTS, *ADVERSARIAL_FILES, SOAK]
         fuzz_present = (REPO / FUZZ).exists()
         if fuzz_present:
             files.append(FUZZ)
@@ -224,8 +224,8 @@ def render(run: Run) -> str:
     add(
         "Regenerate with **`python -m reliability`** from the repository root (test extras installed: "
         "`pip install -e '.[test]'`; Linux; root for the read-only, disk-full and tmpfs cases, which are "
-        "skipped otherwise). It runs `tests/test_faults.py`, `tests/test_adversarial.py`, `tests/test_soak.py` and, "
-        "when it exists, "
+        "skipped otherwise). It runs `tests/test_faults.py`, `tests/test_adversarial.py` and the other checks of the "
+        "money and secret promises, `tests/test_soak.py` and, when it exists, "
         "`tests/test_fuzz.py` against the real `proxy serve` process and rewrites this file. A longer soak: "
         "`python -m reliability --soak-requests 100000`."
     )
