@@ -114,18 +114,14 @@ def _unavailable(ledger: Ledger, what: str, e: StoreError) -> str:
 async def _load_spend(state: ProxyState, ledger: Ledger, *, required: bool) -> None:
     """Spend so far, for the budgets and the client caps: before the first request is served,
     so that nothing counts twice. With `required`, a failure is raised, not counted as $0."""
-    try:
-        await state.budget.load(ledger, time.time())
-    except StoreError as e:
-        if required:
-            raise
-        log.error("ledger: cannot load budget spend from %s: %s; counting from 0", ledger.store.location, e)
-    try:
-        await state.limits.load(ledger, time.time())
-    except StoreError as e:
-        if required:
-            raise
-        log.error("cannot load today's spend per client key from %s: %s; counting from 0", ledger.store.location, e)
+    loads = (("budget spend", state.budget.load), ("today's spend per client key", state.limits.load))
+    for what, load in loads:
+        try:
+            await load(ledger, time.time())
+        except StoreError as e:
+            if required:
+                raise
+            log.error("ledger: cannot load %s from %s: %s; counting from 0", what, ledger.store.location, e)
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
