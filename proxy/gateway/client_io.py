@@ -99,10 +99,7 @@ async def write(client: web.StreamResponse, data: bytes) -> None:
         return
     sink = client.get(_SINK)
     try:
-        if sink is None or _fits(sink, data):
-            await client.write(data)  # cannot block: no timer to arm per event
-            return
-        async with asyncio.timeout(sink.write_timeout):
+        async with asyncio.timeout(sink.write_timeout if sink is not None else None):
             await client.write(data)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError) as e:
         raise ClientGone from e
@@ -113,17 +110,6 @@ async def write(client: web.StreamResponse, data: bytes) -> None:
             f"client stopped reading the stream: a write waited over {sink.write_timeout:g} s"
             " (server.client_write_timeout_seconds)"
         ) from None
-
-
-# aiohttp's write waits (drain) only while the socket's send buffer is over its high-water mark
-# (64 KiB by default): a small write into a nearly empty buffer returns at once.
-_NEVER_BLOCKS = 16 * 1024
-
-
-def _fits(sink: _Sink, data: bytes) -> bool:
-    """Whether this write cannot wait for the client (so needs no timeout of its own)."""
-    transport = sink.request.transport
-    return transport is not None and transport.get_write_buffer_size() + len(data) < _NEVER_BLOCKS
 
 
 async def end_stream(resp: web.StreamResponse) -> bool:

@@ -103,11 +103,8 @@ async def _pump(
             return None
         stalled = idle_at <= end
         try:
-            # What has arrived already needs no timer; only a wait for the upstream does.
-            chunk = resp.content.read_nowait()
-            if not chunk and not resp.content.at_eof():
-                async with asyncio.timeout_at(min(idle_at, end)):
-                    chunk = await resp.content.readany()
+            async with asyncio.timeout_at(min(idle_at, end)):
+                chunk = await resp.content.readany()
         except TimeoutError:
             if stalled:
                 return AttemptOutcome.TIMEOUT, f"stream stalled: no event for {limits.idle:.3g}s"
