@@ -112,20 +112,19 @@ async def write(client: web.StreamResponse, data: bytes) -> None:
         ) from None
 
 
-async def end_stream(resp: web.StreamResponse) -> bool:
-    """Finish a stream; False when the client left right after the last event (it got the
-    answer, but not cleanly), or did not read its end in time."""
+async def end_stream(resp: web.StreamResponse) -> None:
+    """Finish a stream. A client that left right after the last event, or does not read its
+    end in time, is only cut: its record was handed over before (chat.py checks whether the
+    client was still there then)."""
     sink = resp.get(_SINK)
     try:
         async with asyncio.timeout(sink.write_timeout if sink is not None else None):
             await resp.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-        return False
+        return
     except TimeoutError:
         assert sink is not None
         _cut(sink)
-        return False
-    return True
 
 
 def _cut(sink: _Sink) -> None:

@@ -85,10 +85,10 @@ class Listener(asyncio.AbstractServer):
         self._factory = factory
         self._socks = socks
         self._limits = limits
-        self._connecting: set[asyncio.Task[object]] = set()
-        # Protocols handed over whose setup has not finished; once connection_made has run they
-        # are in the server's open set too, and must not be counted twice.
-        self._arriving: set[asyncio.Protocol] = set()
+        # Connections handed over whose setup task has not finished, with their protocols: once
+        # connection_made has run a protocol is in the server's open set too, and must not be
+        # counted twice.
+        self._connecting: dict[asyncio.Task[object], asyncio.Protocol] = {}
         self._paused: dict[socket.socket, asyncio.TimerHandle] = {}
         self._serving = False
         self._full = Burst("refusing connections: server.max_connections reached")
@@ -152,7 +152,7 @@ class Listener(asyncio.AbstractServer):
 
     def _held(self) -> int:
         live = self._limits.open_connections()
-        return len(live) + sum(1 for p in self._arriving if p not in live)
+        return len(live) + sum(1 for p in self._connecting.values() if p not in live)
 
     def _pause(self, sock: socket.socket, e: OSError) -> None:
         """No descriptor for the next connection: stop accepting for a moment (clients wait in
@@ -193,14 +193,12 @@ class Listener(asyncio.AbstractServer):
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as create_server does
         protocol = self._factory()
-        self._arriving.add(protocol)
         task: asyncio.Task[object] = self._loop.create_task(self._loop.connect_accepted_socket(lambda: protocol, conn))
-        self._connecting.add(task)
-        task.add_done_callback(lambda t: self._connected(t, conn, protocol))
+        self._connecting[task] = protocol
+        task.add_done_callback(lambda t: self._connected(t, conn))
 
-    def _connected(self, task: asyncio.Task[object], conn: socket.socket, protocol: asyncio.Protocol) -> None:
-        self._connecting.discard(task)
-        self._arriving.discard(protocol)
+    def _connected(self, task: asyncio.Task[object], conn: socket.socket) -> None:
+        del self._connecting[task]
         if task.cancelled():
             conn.close()
             return
