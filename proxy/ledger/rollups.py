@@ -219,11 +219,11 @@ async def rollback(conn: aiosqlite.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-async def insert_rollups(conn: aiosqlite.Connection, entries: Sequence[LedgerEntry]) -> None:
-    """Add `entries` to the daily rollups, inside the caller's transaction."""
+def insert_rollups(conn: sqlite3.Connection, entries: Sequence[LedgerEntry]) -> None:
+    """Add `entries` to the daily rollups, inside the caller's transaction (blocking)."""
     rollup = Rollup(entries)
-    await conn.executemany(_UPSERT_USAGE, rollup.usage_params())
+    conn.executemany(_UPSERT_USAGE, rollup.usage_params())
     if rollup.attempts:
-        await conn.executemany(_UPSERT_ATTEMPTS, rollup.attempt_params())
+        conn.executemany(_UPSERT_ATTEMPTS, rollup.attempt_params())
     if rollup.latency:
-        await conn.executemany(_UPSERT_LATENCY, rollup.latency_params())
+        conn.executemany(_UPSERT_LATENCY, rollup.latency_params())

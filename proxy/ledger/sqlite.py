@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import sqlite3
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from proxy.ledger.migrations import migrate
 from proxy.ledger.pricing import ZERO, from_nano
-from proxy.ledger.rollups import insert_rollups, rollback
+from proxy.ledger.rollups import insert_rollups
 from proxy.ledger.rows import INSERT_ATTEMPT, INSERT_REQUEST, LedgerEntry, placeholders
 from proxy.ledger.store import RowsRejected, StoreError, StoreUnusable
 
 log = logging.getLogger("proxy.ledger")
 
 SPILL_SUFFIX = ".spill.jsonl"
+_T = TypeVar("_T")
 _IN_CHUNK = 500  # ids per `IN (...)` lookup, far below SQLite's variable limit
 
 
@@ -44,14 +48,17 @@ async def open_db(path: str | Path, *, busy_timeout_ms: int = 2000) -> aiosqlite
 
 
 class SqliteStore:
-    """A ledger file. The connection is reopened when the file is deleted or replaced under
-    it: writes to an unlinked file would succeed and vanish."""
+    """A ledger file, written through one stdlib connection on a thread of its own: a batch is
+    one hop to that thread (its whole transaction runs there), not a round trip per statement.
+    The connection is reopened when the file is deleted or replaced under it: writes to an
+    unlinked file would succeed and vanish."""
 
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 2000) -> None:
         self.path = Path(path)
         self._busy_timeout_ms = busy_timeout_ms
-        self._conn: aiosqlite.Connection | None = None
+        self._conn: sqlite3.Connection | None = None
         self._file_id: tuple[int, int] | None = None
+        self._thread: ThreadPoolExecutor | None = None
 
     @property
     def location(self) -> str:
@@ -69,8 +76,9 @@ class SqliteStore:
             raise
 
     async def write(self, entries: Sequence[LedgerEntry], *, keep_duplicates: bool = True) -> int:
+        conn = await self._connection()
         try:
-            return await write_entries(await self._connection(), entries, keep_duplicates=keep_duplicates)
+            return await self._run(write_batch, conn, entries, keep_duplicates)
         except sqlite3.IntegrityError as e:
             raise RowsRejected(str(e)) from e
         except (sqlite3.Error, OSError) as e:
@@ -90,19 +98,27 @@ class SqliteStore:
 
     async def close(self) -> None:
         conn, self._conn, self._file_id = self._conn, None, None
-        if conn is not None:
+        thread, self._thread = self._thread, None
+        if conn is not None and thread is not None:
             with contextlib.suppress(sqlite3.Error):
-                await conn.close()
+                await asyncio.get_running_loop().run_in_executor(thread, conn.close)
+        if thread is not None:
+            thread.shutdown(wait=False)
 
-    async def _read(self, sql: str, params: tuple[str, ...]) -> list[sqlite3.Row]:
+    async def _run(self, fn: Callable[..., _T], *args: object) -> _T:
+        assert self._thread is not None  # set with the connection
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    async def _read(self, sql: str, params: tuple[str, ...]) -> list[Any]:
         if self._conn is None:
             raise StoreError(f"ledger database {self.path} is not open")
+        conn = self._conn
         try:
-            return list(await self._conn.execute_fetchall(sql, params))
+            return await self._run(lambda: conn.execute(sql, params).fetchall())
         except sqlite3.Error as e:
             raise StoreError(str(e)) from e
 
-    async def _connection(self) -> aiosqlite.Connection:
+    async def _connection(self) -> sqlite3.Connection:
         try:
             st = os.stat(self.path)
             current: tuple[int, int] | None = (st.st_dev, st.st_ino)
@@ -114,13 +130,23 @@ class SqliteStore:
         if self._conn is None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._conn = await open_db(self.path, busy_timeout_ms=self._busy_timeout_ms)
+                await (await open_db(self.path, busy_timeout_ms=self._busy_timeout_ms)).close()  # migrates
+                self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+                self._conn = await self._run(_connect, self.path, self._busy_timeout_ms)
                 st = os.stat(self.path)
             except (sqlite3.Error, OSError) as e:
                 await self.close()
                 raise (StoreUnusable if _unusable(e) else StoreError)(str(e)) from e
             self._file_id = (st.st_dev, st.st_ino)
         return self._conn
+
+
+def _connect(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    # check_same_thread off: the connection is made and used on the store's one thread only.
+    conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
 
 
 # What no retry fixes: the file is not a ledger database, or this process may not open it.
@@ -134,11 +160,11 @@ def _unusable(e: BaseException) -> bool:
     return isinstance(e, (PermissionError, IsADirectoryError, NotADirectoryError))
 
 
-async def _existing_ids(conn: aiosqlite.Connection, ids: Sequence[str]) -> set[str]:
+def _existing_ids(conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
     found: set[str] = set()
     for i in range(0, len(ids), _IN_CHUNK):
         chunk = ids[i : i + _IN_CHUNK]
-        rows = await conn.execute_fetchall(f"SELECT id FROM requests WHERE id IN ({placeholders(chunk)})", chunk)
+        rows = conn.execute(f"SELECT id FROM requests WHERE id IN ({placeholders(chunk)})", chunk).fetchall()
         found.update(str(r[0]) for r in rows)
     return found
 
@@ -152,12 +178,10 @@ def _renamed(entry: LedgerEntry) -> LedgerEntry:
     )
 
 
-async def _dedupe(
-    conn: aiosqlite.Connection, entries: Sequence[LedgerEntry], *, keep_duplicates: bool
-) -> list[LedgerEntry]:
+def _dedupe(conn: sqlite3.Connection, entries: Sequence[LedgerEntry], *, keep_duplicates: bool) -> list[LedgerEntry]:
     """Live writes keep a reused request id under a new id (a client may reuse X-Request-Id);
     imports drop it, because there a known id means the row was already imported."""
-    taken = await _existing_ids(conn, [e.request.id for e in entries])
+    taken = _existing_ids(conn, [e.request.id for e in entries])
     out: list[LedgerEntry] = []
     for e in entries:
         if e.request.id in taken:
@@ -169,25 +193,21 @@ async def _dedupe(
     return out
 
 
-async def write_entries(
-    conn: aiosqlite.Connection, entries: Sequence[LedgerEntry], *, keep_duplicates: bool = True
-) -> int:
-    """Insert entries and their rollups in ONE transaction; returns the requests inserted."""
-    await conn.execute("BEGIN IMMEDIATE")
+def write_batch(conn: sqlite3.Connection, entries: Sequence[LedgerEntry], keep_duplicates: bool = True) -> int:
+    """Insert entries and their rollups in ONE transaction; returns the requests inserted.
+    Blocking: runs on the store's thread."""
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        todo = await _dedupe(conn, entries, keep_duplicates=keep_duplicates)
+        todo = _dedupe(conn, entries, keep_duplicates=keep_duplicates)
         if todo:
-            await _insert(conn, todo)
-        await conn.execute("COMMIT")
+            conn.executemany(INSERT_REQUEST, [e.request for e in todo])
+            attempt_rows = [a for e in todo for a in e.attempts]
+            if attempt_rows:
+                conn.executemany(INSERT_ATTEMPT, attempt_rows)
+            insert_rollups(conn, todo)
+        conn.execute("COMMIT")
     except sqlite3.Error:
-        await rollback(conn)
+        with contextlib.suppress(sqlite3.Error):  # after SQLITE_FULL or IOERR it is rolled back already
+            conn.execute("ROLLBACK")
         raise
     return len(todo)
-
-
-async def _insert(conn: aiosqlite.Connection, entries: Sequence[LedgerEntry]) -> None:
-    await conn.executemany(INSERT_REQUEST, [e.request for e in entries])
-    attempt_rows = [a for e in entries for a in e.attempts]
-    if attempt_rows:
-        await conn.executemany(INSERT_ATTEMPT, attempt_rows)
-    await insert_rollups(conn, entries)
