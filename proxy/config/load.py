@@ -152,6 +152,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         retries=spec.retries,
         ledger=spec.ledger,
         budgets=spec.budgets,
+        quality=spec.quality,
         tiers=tuple(tiers),
         warnings=tuple(warnings),
         pin_names={name: t.id for t in tiers if t.usable for name in (t.id, *t.aliases)},

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from proxy.config.schema import BudgetSpec, LedgerSpec, RetrySpec, RoutingSpec, ServerSpec
+from proxy.config.schema import BudgetSpec, LedgerSpec, QualitySpec, RetrySpec, RoutingSpec, ServerSpec
 from proxy.gateway.redact import Redactor
 
 
@@ -70,6 +70,7 @@ class Config:
     retries: RetrySpec
     ledger: LedgerSpec
     budgets: BudgetSpec
+    quality: QualitySpec
     tiers: tuple[Tier, ...]  # every configured tier in config order, usable or not
     warnings: tuple[str, ...] = ()
     pin_names: Mapping[str, str] = field(default_factory=dict)

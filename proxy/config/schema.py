@@ -7,7 +7,7 @@ file's shapes; `resolved.py` has the frozen types the rest of the proxy reads.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -120,6 +120,23 @@ class BudgetSpec(Strict, frozen=True):
     reserve_output_tokens: AtLeastOne = 4096
 
 
+class QualitySpec(Strict, frozen=True):
+    """The quality gate: which 200 answers count as bad, hence as failed attempts."""
+
+    enabled: bool = True  # off: no answer is ever checked, whatever the request or its headers say
+    json_object: bool = True  # response_format json_object: the content parses as a JSON object
+    json_schema: bool = True  # response_format json_schema: the content validates against the schema
+    tool_calls: bool = True  # tools offered: each call names one, its arguments validate
+    cut_or_empty: bool = True  # with any check on: finish_reason "length" or no answer at all is bad
+    # What a request that sends no X-Proxy-Check header gets: "auto" checks what it asked for,
+    # "json" also wants a JSON object when the prompt alone asked for one, "off" checks nothing.
+    default: Literal["auto", "json", "off"] = "auto"
+    # Checked streams wait until the answer is complete and checked, so a bad one can still fail
+    # over (time to first token becomes the whole answer's time); off: relayed live, checked after.
+    hold_streams: bool = True
+    max_schemas: AtLeastOne = 256  # compiled schemas kept, most recently used first
+
+
 def _default_tiers() -> dict[str, TierSpec]:
     return {
         "llama": TierSpec(
@@ -158,4 +175,5 @@ class FileSpec(Strict, frozen=True):
     tiers: dict[str, TierSpec] = msgspec.field(default_factory=_default_tiers)
     ledger: LedgerSpec = LedgerSpec()
     budgets: BudgetSpec = BudgetSpec()
+    quality: QualitySpec = QualitySpec()
     auth: AuthSpec = AuthSpec()

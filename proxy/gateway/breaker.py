@@ -33,6 +33,7 @@ import enum
 from dataclasses import dataclass, field
 
 from proxy.config import RoutingSpec
+from proxy.records import Escalation
 
 
 class BreakerState(enum.StrEnum):
@@ -59,6 +60,8 @@ class Breaker:
     probing: bool = False  # a half-open probe is in flight
     probe_successes: int = 0
     epoch: int = 0  # the current period; each opening and each closing starts a new one
+    bad_answers: int = 0  # of `failures`, how many were answers the quality gate refused
+    opened_for: Escalation | None = None  # while open: mostly bad answers, or errors
 
     def state(self, now: float) -> BreakerState:
         if self.opened_at is None:
@@ -92,22 +95,24 @@ class Breaker:
         if ticket.epoch != self.epoch:
             return
         if self.opened_at is None:
-            self.failures = 0
+            self.failures = self.bad_answers = 0
         elif ticket.probe:
             self.probing = False
             self.probe_successes += 1
             if self.probe_successes >= self.successes_to_close:
                 self._close()
 
-    def on_failure(self, ticket: Ticket, now: float) -> None:
+    def on_failure(self, ticket: Ticket, now: float, *, bad_answer: bool = False) -> None:
+        """`bad_answer`: the tier answered, but not what was asked for (the quality gate)."""
         if ticket.epoch != self.epoch:
             return
         if self.opened_at is None:
             self.failures += 1
+            self.bad_answers += bad_answer
             if self.failures >= self.threshold:
-                self._open(now)
+                self._open(now, self.bad_answers * 2 > self.failures)
         elif ticket.probe:
-            self._open(now)
+            self._open(now, bad_answer)
 
     def on_neutral(self, ticket: Ticket) -> None:
         """The tier answered but refused this request (e.g. a 400), or the attempt never
@@ -115,17 +120,19 @@ class Breaker:
         if ticket.probe and ticket.epoch == self.epoch:
             self.probing = False
 
-    def _open(self, now: float) -> None:
+    def _open(self, now: float, for_bad_answers: bool) -> None:
         self.epoch += 1
         self.opened_at = now
-        self.failures = 0
+        self.opened_for = Escalation.BAD_ANSWERS if for_bad_answers else Escalation.FAILURES
+        self.failures = self.bad_answers = 0
         self.probing = False
         self.probe_successes = 0
 
     def _close(self) -> None:
         self.epoch += 1
         self.opened_at = None
-        self.failures = 0
+        self.opened_for = None
+        self.failures = self.bad_answers = 0
         self.probing = False
         self.probe_successes = 0
 

@@ -18,13 +18,16 @@ from proxy.errors import BadRequest, ProxyError, error_response
 from proxy.gateway.body import ChatRequest, ask_for_usage, parse_chat_body
 from proxy.gateway.client_io import end_stream, read_body, start_stream
 from proxy.gateway.failover import ChainResult
+from proxy.gateway.outbound import Outbound, forwardable_headers
+from proxy.gateway.quality import Check
 from proxy.gateway.routing import make_plan, parse_hints
 from proxy.gateway.spend import SpendGate, output_ceiling
 from proxy.gateway.state import CLIENT_KEY, STATE, ProxyState
-from proxy.gateway.upstream import Outbound, Reply, attempt, forwardable_headers
+from proxy.gateway.upstream import SSE_CONTENT_TYPE, Reply, attempt
 from proxy.ops.logs import log_request
-from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Outcome, Route
+from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, CheckResult, Outcome, Route
 
+CHECK_HEADER = "X-Proxy-Check"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # How a stream's last event ends, and how much of it to hold back: the line break that makes
 # the blank line an SSE client needs before it acts on [DONE] (a CR alone ends a line too).
@@ -123,14 +126,17 @@ async def _handle_chat(
     rec.stream, rec.requested_model = chat.stream, chat.model
     if state.config.ledger.store_text:
         rec.request_body = raw
+    hints = parse_hints(request.headers, chat.model)
     plan = make_plan(
         state.config,
-        parse_hints(request.headers, chat.model),
+        hints,
         state.breakers.blocked(time.monotonic()),
         paid_blocked_for=state.budget.reopens_in(time.time()),
     )
     rec.route, rec.chain = plan.route, plan.tier_ids
-    outbound = _outbound(request, chat)
+    if plan.route is Route.ESCALATED:
+        rec.escalated_for = state.breakers.get(state.config.routing.primary).opened_for
+    outbound = _outbound(request, chat, state.quality.check_for(chat.payload, hints.check))
     try:
         outbound.body_for(plan.chain[0])
     except (TypeError, ValueError, RecursionError) as e:  # orjson.JSONEncodeError is a TypeError
@@ -173,9 +179,10 @@ async def _handle_chat(
     return _respond(rec, result, state)
 
 
-def _outbound(request: web.Request, chat: ChatRequest) -> Outbound:
+def _outbound(request: web.Request, chat: ChatRequest, check: Check | None) -> Outbound:
     strip = ask_for_usage(chat)
     return Outbound(
+        check=check,
         payload=chat.payload,
         headers=forwardable_headers(request.headers),
         stream=chat.stream,
@@ -186,18 +193,22 @@ def _outbound(request: web.Request, chat: ChatRequest) -> Outbound:
 
 
 def _finish_record(rec: CallRecord, result: ChainResult) -> None:
-    last = result.attempts[-1] if result.attempts else None
     if result.error is not None:
         rec.status, rec.outcome, rec.error = result.error.status, Outcome.ERROR, result.error.message
         return
+    last = result.answered or (result.attempts[-1] if result.attempts else None)
     if last is None or result.tier is None:
         return
     rec.tier, rec.model, rec.usage = result.tier.id, last.model, last.usage
     rec.ttft_ms = last.ttft_ms
+    if last.checked:
+        rec.check = CheckResult.FAILED if last.outcome is AttemptOutcome.INVALID_OUTPUT else CheckResult.PASSED
     if result.refused:
         rec.status, rec.outcome, rec.error = last.http_status or 502, Outcome.ERROR, last.error
     elif last.outcome is AttemptOutcome.OK:
         rec.status, rec.outcome = 200, Outcome.OK
+    elif last.outcome is AttemptOutcome.INVALID_OUTPUT:  # every tier answered badly: the last answer
+        rec.status, rec.outcome, rec.error = 200, Outcome.OK, last.error
     else:  # a committed stream that broke after its status line went out
         rec.status, rec.outcome, rec.error = 200, Outcome.ERROR, last.error
 
@@ -209,7 +220,19 @@ def _respond(rec: CallRecord, result: ChainResult, state: ProxyState) -> web.Str
     assert reply is not None and reply.body is not None
     headers = _headers(rec, state)
     headers["Content-Type"] = reply.content_type or "application/json"
+    if reply.content_type == SSE_CONTENT_TYPE:  # a held stream, released whole once checked
+        headers["Cache-Control"] = "no-cache"
+    if rec.check is CheckResult.PASSED:
+        headers[CHECK_HEADER] = "passed"
+    elif rec.check is CheckResult.FAILED:
+        headers[CHECK_HEADER] = f'failed; reason="{_header_text(rec.error or "")}"'
     return web.Response(status=rec.status, body=reply.body, headers=headers)
+
+
+def _header_text(text: str) -> str:
+    """A reason fit for a quoted header value: printable ASCII, no quotes, bounded."""
+    clean = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in text)
+    return clean[:200]
 
 
 def _headers(rec: CallRecord, state: ProxyState, arec: AttemptRecord | None = None) -> dict[str, str]:

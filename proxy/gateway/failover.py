@@ -53,6 +53,9 @@ class ChainResult:
     tier: Tier | None = None  # the tier whose reply is returned
     reply: Reply | None = None  # success, a committed stream, or an upstream refusal passed on
     refused: bool = False  # reply is an upstream 4xx passed through as is
+    # reply is the last answer the quality gate refused (no tier gave a good one), from `answered`
+    invalid: bool = False
+    answered: AttemptRecord | None = None  # the attempt whose reply is returned
     error: ProxyError | None = None
     over_budget: list[str] = field(default_factory=list)  # tiers left out: their worst case did not fit
 
@@ -78,6 +81,7 @@ class Failover:
         result = ChainResult(attempts=attempts if attempts is not None else [])
         deadline = self.clock() + self.retries.request_deadline_seconds
         refusal: tuple[Tier, Reply] | None = None
+        bad_answer: tuple[Tier, Reply, AttemptRecord] | None = None
         for tier in plan.chain:
             breaker = self.breakers.get(tier.id)
             tries = 0
@@ -112,18 +116,27 @@ class Failover:
                 verdict = _verdict(rec)
                 self._update_breaker(tier, breaker, ticket, rec, verdict)
                 if verdict is _Verdict.OK or reply.committed:
-                    result.tier, result.reply = tier, reply
+                    result.tier, result.reply, result.answered = tier, reply, rec
                     return result
                 if verdict is _Verdict.REFUSED:
                     refusal = (tier, reply)
+                if rec.outcome is AttemptOutcome.INVALID_OUTPUT and reply.body is not None:
+                    bad_answer = (tier, reply, rec)
                 if verdict is not _Verdict.RETRY or tries >= self.retries.max_fallback_retries:
                     break
                 if len(result.attempts) >= self.retries.max_total_retries:
                     break
+                if rec.outcome is AttemptOutcome.INVALID_OUTPUT:
+                    continue  # the tier is fine, its answer was not: ask again at once
                 delay = self._delay(tries, reply.retry_after, deadline)
                 if delay is None:
                     break
                 await self.sleep(delay)
+        if bad_answer is not None:
+            # The proxy stays transparent: the last bad answer, as it came, marked as failed.
+            result.tier, result.reply, result.answered = bad_answer
+            result.invalid = True
+            return result
         if refusal is not None and all(_verdict(a) is _Verdict.REFUSED for a in result.attempts):
             result.tier, result.reply, result.refused = refusal[0], refusal[1], True
             return result
@@ -153,7 +166,7 @@ class Failover:
         elif verdict is _Verdict.REFUSED:
             breaker.on_neutral(ticket)
         else:
-            breaker.on_failure(ticket, self.clock())
+            breaker.on_failure(ticket, self.clock(), bad_answer=rec.outcome is AttemptOutcome.INVALID_OUTPUT)
         if rec.http_status in (401, 403):
             log.error(
                 "tier %s rejected the proxy's API key (HTTP %s): check %s; not retrying this tier",

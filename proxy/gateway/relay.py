@@ -53,21 +53,60 @@ async def relay_stream(
         rec.fail(AttemptOutcome.CANCELLED, str(e))
         raise asyncio.CancelledError from None
     else:
-        if cut is not None:
-            rec.fail(*cut)
-        elif watch.overflow:
-            rec.fail(AttemptOutcome.BAD_RESPONSE, f"stream event too large (over {watch.max_event_bytes} bytes)")
-        elif watch.error:
-            rec.fail(AttemptOutcome.BAD_RESPONSE, f"upstream error in stream: {watch.error}")
-        elif watch.truncated:
-            rec.fail(AttemptOutcome.BAD_RESPONSE, "upstream stream ended in the middle of an event")
-        elif not watch.done:
-            rec.fail(AttemptOutcome.BAD_RESPONSE, "upstream stream ended without [DONE]")
-        else:
+        cut = cut or stream_fault(watch)
+        if cut is None:
             rec.outcome = AttemptOutcome.OK
-        if rec.outcome is AttemptOutcome.OK or (cut is None and watch.error and not watch.overflow):
+            return
+        rec.fail(*cut)
+        if watch.error and not watch.overflow and cut[1].startswith(_UPSTREAM_ERROR):
             return  # an upstream error event was already passed on as it came
     await _end_with_error(client, redactor.clean_text(rec.error or "stream interrupted"))
+
+
+_UPSTREAM_ERROR = "upstream error in stream: "
+
+
+def stream_fault(watch: StreamWatch) -> Cut | None:
+    """What is wrong with a stream that ended (None: it ended well, with [DONE])."""
+    if watch.overflow:
+        return AttemptOutcome.BAD_RESPONSE, f"stream event too large (over {watch.max_event_bytes} bytes)"
+    if watch.error:
+        return AttemptOutcome.BAD_RESPONSE, f"{_UPSTREAM_ERROR}{watch.error}"
+    if watch.truncated:
+        return AttemptOutcome.BAD_RESPONSE, "upstream stream ended in the middle of an event"
+    if not watch.done:
+        return AttemptOutcome.BAD_RESPONSE, "upstream stream ended without [DONE]"
+    return None
+
+
+async def hold_stream(
+    resp: aiohttp.ClientResponse, watch: StreamWatch, pending: bytes, limits: StreamLimits, redactor: Redactor
+) -> tuple[bytes, Cut | None]:
+    """Read a stream to its end without sending anything (the quality gate judges it first):
+    its cleaned bytes, and what cut it short (None: it ended well). The same limits as a relay."""
+    loop = asyncio.get_running_loop()
+    end = math.inf if limits.max_seconds is None else loop.time() + limits.max_seconds
+    held = bytearray(redactor.clean(pending))
+    try:
+        while len(held) <= limits.max_bytes and not watch.overflow:
+            async with asyncio.timeout_at(min(loop.time() + limits.idle, end)):
+                chunk = await resp.content.readany()
+            if not chunk:
+                held += redactor.clean(watch.finish())
+                break
+            held += redactor.clean(watch.feed(chunk))
+    except TimeoutError:
+        if loop.time() >= end:
+            return b"", (
+                AttemptOutcome.TIMEOUT,
+                f"stream ran past the tier's stream_max_seconds ({limits.max_seconds}s)",
+            )
+        return b"", (AttemptOutcome.TIMEOUT, f"stream stalled: no event for {limits.idle:.3g}s")
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+        return b"", (AttemptOutcome.CONNECT_ERROR, f"connection lost mid-stream: {type(e).__name__}")
+    if len(held) > limits.max_bytes:
+        return b"", (AttemptOutcome.BAD_RESPONSE, f"the stream grew past {limits.max_bytes} bytes (max_response_bytes)")
+    return bytes(held), stream_fault(watch)
 
 
 async def _pump(

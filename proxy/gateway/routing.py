@@ -18,6 +18,7 @@ _REPLAN = ("minor", "major")
 _COMPLEXITY = ("simple", "normal", "complex")
 _FALLBACK = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
 _FALLBACK_SHOWN = ("on", "off")
+_CHECK = ("auto", "json", "off")  # X-Proxy-Check: the quality gate for this request
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class RouteHints:
     tier: str | None = None
     fallback: bool = True
     model: str | None = None
+    check: str | None = None  # X-Proxy-Check, one of _CHECK
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +60,8 @@ def parse_hints(headers: Mapping[str, str], model: str | None) -> RouteHints:
             )
         fallback = value
     tier = _single(headers, "X-Tier", "a tier id or alias from GET /v1/models", fold=False)
-    return RouteHints(replan=replan, complexity=complexity, tier=tier, fallback=fallback, model=model)
+    check = _choice(headers, "X-Proxy-Check", _CHECK)
+    return RouteHints(replan=replan, complexity=complexity, tier=tier, fallback=fallback, model=model, check=check)
 
 
 def _choice(headers: Mapping[str, str], name: str, allowed: tuple[str, ...]) -> str | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import orjson
 
+from proxy.gateway.assembly import StreamAssembly
 from proxy.gateway.usage import parse_usage
 from proxy.records import Usage, UsageSource
 
@@ -35,6 +36,7 @@ class StreamWatch:
     model: str | None = None
     error: str | None = None  # an error event the upstream sent in the stream
     first: dict[str, object] | None = None  # the first data event, decoded
+    assembly: StreamAssembly | None = None  # set when the answer will be judged: every event is decoded
 
     def feed(self, chunk: bytes) -> bytes:
         """Take raw bytes from upstream; return the complete events to forward (maybe b"")."""
@@ -71,6 +73,8 @@ class StreamWatch:
         if self.first is None:
             self._read_first(out)
         self.data_events += n
+        if self.assembly is not None:
+            self.assembly.feed(out)
         if _DONE in out:
             self.done = True
         if _USAGE_MARKERS[0] in out or _USAGE_MARKERS[1] in out or _ERROR_MARKER in out:

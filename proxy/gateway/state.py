@@ -17,6 +17,7 @@ from proxy.config import ClientKey, Config
 from proxy.gateway.breaker import BreakerBoard
 from proxy.gateway.client_keys import ClientLimits
 from proxy.gateway.failover import Failover
+from proxy.gateway.quality import QualityGate
 from proxy.gateway.upstream import Target
 from proxy.ledger import Ledger
 from proxy.ledger.budget import BudgetTracker
@@ -30,6 +31,7 @@ class ProxyState:
     breakers: BreakerBoard
     failover: Failover
     budget: BudgetTracker
+    quality: QualityGate
     metrics: Metrics = field(init=False)
     ledger: Ledger | None = None  # None: the app was made without one, and records are dropped
     session: aiohttp.ClientSession | None = None
@@ -45,7 +47,13 @@ class ProxyState:
     def build(cls, config: Config, *, ledger_path: str | None, rng: random.Random | None = None) -> ProxyState:
         breakers = BreakerBoard.for_routing(config.routing)
         failover = Failover(retries=config.retries, breakers=breakers, rng=rng or random.Random())
-        state = cls(config=config, breakers=breakers, failover=failover, budget=BudgetTracker(config.budgets))
+        state = cls(
+            config=config,
+            breakers=breakers,
+            failover=failover,
+            budget=BudgetTracker(config.budgets),
+            quality=QualityGate(config.quality),
+        )
         state.metrics = Metrics(state.snapshot)
         if ledger_path is not None:
             state.ledger = Ledger(

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -22,78 +21,14 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.config import Tier
+from proxy.gateway.assembly import StreamAssembly
+from proxy.gateway.outbound import Outbound
+from proxy.gateway.quality import Check
 from proxy.gateway.redact import Redactor
-from proxy.gateway.relay import StreamLimits, relay_stream
+from proxy.gateway.relay import StreamLimits, hold_stream, relay_stream
 from proxy.gateway.sse import StreamWatch
 from proxy.gateway.usage import estimate_tokens, estimate_usage, parse_usage
-from proxy.records import AttemptOutcome, AttemptRecord, UsageSource
-
-# Sent upstream as the proxy's own; the client's values for these never cross.
-_DROP_REQUEST_HEADERS = frozenset(
-    h.lower()
-    for h in (
-        "Host",
-        "Content-Length",
-        "Authorization",
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Authorization",
-        "Proxy-Authenticate",
-        "Proxy-Connection",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
-        "Accept-Encoding",
-        "Content-Encoding",
-        "Cookie",
-        "Expect",
-        "X-Replan",
-        "X-Complexity",
-        "X-Tier",
-        "X-Fallback",
-        "X-Request-Id",
-        "Api-Key",
-        "X-Api-Key",
-    )
-)
-
-
-@dataclass(slots=True)
-class Outbound:
-    """The client's request, parsed once; each tier gets it with its own model and key."""
-
-    payload: dict[str, Any]
-    headers: dict[str, str]
-    stream: bool
-    strip_usage: bool  # usage was requested by the proxy, not the client
-    request_bytes: int
-    exact_numbers: bool = False  # serialise with the stdlib (integers beyond 64 bits)
-    _bodies: dict[str, bytes] = field(default_factory=dict)
-
-    def body_for(self, tier: Tier) -> bytes:
-        """The body for `tier` (cached). Raises TypeError for what cannot be serialised, such as
-        nesting deeper than orjson writes: callers serialise once before the first attempt."""
-        body = self._bodies.get(tier.id)
-        if body is None:
-            self.payload["model"] = tier.model
-            if self.exact_numbers:
-                body = json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False).encode()
-            else:
-                body = orjson.dumps(self.payload)
-            self._bodies[tier.id] = body
-        return body
-
-    def headers_for(self, tier: Tier) -> dict[str, str]:
-        headers = dict(self.headers)
-        headers["Content-Type"] = "application/json"
-        if tier.api_key:
-            headers["Authorization"] = f"Bearer {tier.api_key}"
-        return headers
-
-
-def forwardable_headers(headers: Any) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+from proxy.records import AttemptOutcome, AttemptRecord, Usage, UsageSource
 
 
 @dataclass(slots=True)
@@ -103,6 +38,8 @@ class Reply:
     retry_after: float | None = None
     committed: bool = False
 
+
+SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 
 # Starts the client's stream (status line and headers) once the first event is in hand.
 Committer = Callable[[Tier, AttemptRecord], Awaitable[web.StreamResponse]]
@@ -223,7 +160,17 @@ def _check_completion(
     rec.usage = parse_usage(doc.get("usage"), UsageSource.UPSTREAM) or estimate_usage(
         out.request_bytes, estimate_tokens(len(body))
     )
+    if out.check is not None:
+        _judge(rec, out.check, doc)
     return Reply(body=redactor.clean_buffer(body), content_type=content_type)
+
+
+def _judge(rec: AttemptRecord, check: Check, doc: dict[str, Any]) -> None:
+    """A well-formed answer: the quality gate's verdict on it (a bad one is a failed attempt)."""
+    rec.checked = True
+    why = check.judge(doc)
+    if why is not None:
+        rec.fail(AttemptOutcome.INVALID_OUTPUT, why)
 
 
 async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytearray | None:
@@ -309,6 +256,8 @@ async def _stream(
 ) -> Reply:
     tier = target.tier
     watch = StreamWatch(strip_usage=out.strip_usage, max_event_bytes=target.max_response_bytes)
+    if out.check is not None:
+        watch.assembly = StreamAssembly()
     async with asyncio.timeout(timeout) as deadline, target.gate, target.post(out) as resp:
         rec.http_status = resp.status
         if resp.status >= 300:
@@ -336,12 +285,46 @@ async def _stream(
         if watch.model:
             rec.model = target.redactor.clean_text(watch.model)
         deadline.reschedule(None)
+        limits = StreamLimits(tier.stream_idle_timeout, target.max_response_bytes, tier.stream_max)
+        if out.check is not None and out.check.hold:
+            return await _held(resp, watch, pending, rec, limits, target, out, t0)
         client = await commit(tier, rec)
         try:
-            limits = StreamLimits(tier.stream_idle_timeout, target.max_response_bytes, tier.stream_max)
             await relay_stream(resp, client, watch, pending, rec, limits, target.redactor)
         finally:
-            # Some servers send no usage in streams, and a cut stream still cost something:
-            # count the events rather than charge nothing.
-            rec.usage = watch.usage or estimate_usage(out.request_bytes, max(watch.data_events - 2 - watch.done, 0))
+            rec.usage = _stream_usage(watch, out)
+        if out.check is not None and watch.assembly is not None and rec.outcome is AttemptOutcome.OK:
+            _judge(rec, out.check, watch.assembly.doc())  # after the fact: recorded, nothing to fail over
     return Reply(committed=True)
+
+
+async def _held(
+    resp: aiohttp.ClientResponse,
+    watch: StreamWatch,
+    pending: bytes,
+    rec: AttemptRecord,
+    limits: StreamLimits,
+    target: Target,
+    out: Outbound,
+    t0: float,
+) -> Reply:
+    """A checked stream, read whole before anything goes out: a bad one fails over unseen, a good
+    one (or the last bad one) is sent as it came, byte for byte."""
+    try:
+        body, cut = await hold_stream(resp, watch, pending, limits, target.redactor)
+    finally:
+        rec.usage = _stream_usage(watch, out)
+    if cut is not None:
+        rec.fail(*cut)
+        return Reply()
+    rec.ttft_ms = (time.monotonic() - t0) * 1000.0  # the client's first byte leaves now
+    rec.outcome = AttemptOutcome.OK
+    assert out.check is not None and watch.assembly is not None  # held only when checked
+    _judge(rec, out.check, watch.assembly.doc())
+    return Reply(body=body, content_type=SSE_CONTENT_TYPE)
+
+
+def _stream_usage(watch: StreamWatch, out: Outbound) -> Usage:
+    # Some servers send no usage in streams, and a cut stream still cost something: count the
+    # events rather than charge nothing.
+    return watch.usage or estimate_usage(out.request_bytes, max(watch.data_events - 2 - watch.done, 0))

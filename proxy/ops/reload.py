@@ -27,6 +27,7 @@ async def apply_config(state: ProxyState, config: Config) -> None:
     state.budget.reconfigure(config.budgets)
     state.breakers.reconfigure(config.routing)
     state.failover.retries = config.retries
+    state.quality.reconfigure(config.quality)
     state.config = config
     if state.session is not None:
         state.build_targets()

@@ -123,6 +123,7 @@ def stream_events(
     name: str,
     include_usage: bool,
     prompt_tokens: int,
+    finish: bytes = FINISH_FRAGMENT,
 ) -> list[bytes]:
     """The stream's events in order: role, [malformed], content..., finish, [usage], [DONE].
 
@@ -157,7 +158,7 @@ def stream_events(
         events.extend(prefix + fragment + suffix for fragment in fragments[: b.drop_after])
         return events
     events.extend(prefix + fragment + suffix for fragment in fragments)
-    events.append(prefix + FINISH_FRAGMENT + suffix)
+    events.append(prefix + finish + suffix)
     if include_usage:
         usage_json = orjson.dumps(usage(prompt_tokens, len(canned.fragments)))
         events.append(prefix + b'],"usage":' + usage_json + b"}\n\n")

@@ -38,6 +38,11 @@ class Behaviour:
     # message, the model and the content (a stream's every event); `location` is sent as is.
     echo_auth: bool = False
     location: str | None = None
+    # The answer itself (sim/answers.py): this content, these tool calls as (name, arguments
+    # JSON), this finish_reason; None: the canned prose (or a plan, with json_plans).
+    content: str | None = None
+    tool_calls: list[tuple[str, str]] | None = None
+    finish_reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.chunks < 0:
@@ -58,6 +63,10 @@ class SimSettings:
     latency: tuple[float, float] = (0.0, 0.0)
     seed: int | None = None
     simulated_label: bool = False
+    # Answers are JSON plans (sim/answers.PLAN_SCHEMA); this share of them bad, half prose around
+    # the JSON and half JSON cut at max_tokens (finish_reason "length"). Either turns plans on.
+    json_plans: bool = False
+    bad_answer_rate: float = 0.0
     # The benchmark sends hundreds of thousands of requests; keeping every body would make
     # the simulator's memory, not the proxy, the thing being measured.
     record_requests: bool = True
@@ -68,6 +77,8 @@ class SimSettings:
             self.script = deque(self.script)
         if not 0.0 <= self.failure_rate <= 1.0:
             raise ValueError("failure_rate must be within [0, 1]")
+        if not 0.0 <= self.bad_answer_rate <= 1.0:
+            raise ValueError("bad_answer_rate must be within [0, 1]")
         low, high = self.latency
         if low < 0 or high < low:
             raise ValueError("latency must be (low, high) with 0 <= low <= high")

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.sim import bodies
+from proxy.sim import answers, bodies
 from proxy.sim.settings import SIM_SETTINGS, SIM_STATS, Behaviour, RecordedRequest, SimSettings, SimStats
 
 
@@ -190,7 +190,9 @@ async def _answer(
     model += f" (you sent {echo})" if echo else ""
     label = f"[simulated {settings.name}] " if settings.simulated_label else ""
     label += f"Your key is {echo}. " if echo else ""
-    canned = bodies.canned(state.canned, b.chunks, label)
+    shape = answers.pick(b, settings, state.rng)
+    canned = bodies.canned(state.canned, b.chunks, label) if shape is None else answers.fragments(shape, b.chunks)
+    finish = bodies.FINISH_FRAGMENT if shape is None else answers.finish_fragment(shape)
     prompt_tokens = max(1, body_len // 4)
     created = int(time.time())
     completion_id = f"chatcmpl-sim-{number}"
@@ -201,7 +203,7 @@ async def _answer(
         options = payload.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True and not b.no_usage
         events = bodies.stream_events(
-            b, canned, completion_id, created, model, settings.name, include_usage, prompt_tokens
+            b, canned, completion_id, created, model, settings.name, include_usage, prompt_tokens, finish
         )
         return await _stream(request, state, b, headers, events)
 
@@ -214,6 +216,9 @@ async def _answer(
         content = canned.content
         completion_tokens = len(canned.fragments)
         doc = bodies.completion(completion_id, created, model, settings.name, content)
+        if shape is not None:
+            doc["choices"][0]["message"] = answers.message(shape)
+            doc["choices"][0]["finish_reason"] = shape.finish_reason
         if not b.no_usage:
             doc["usage"] = bodies.usage(prompt_tokens, completion_tokens)
         data = orjson.dumps(doc)

@@ -1,0 +1,82 @@
+"""The client's request as each tier gets it: parsed once, serialised once per tier, with the
+tier's model and key, and only the headers that are the upstream's business."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from proxy.config import Tier
+from proxy.gateway.quality import Check
+
+# Sent upstream as the proxy's own; the client's values for these never cross.
+_DROP_REQUEST_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        "Host",
+        "Content-Length",
+        "Authorization",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authorization",
+        "Proxy-Authenticate",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Accept-Encoding",
+        "Content-Encoding",
+        "Cookie",
+        "Expect",
+        "X-Replan",
+        "X-Complexity",
+        "X-Tier",
+        "X-Fallback",
+        "X-Request-Id",
+        "X-Proxy-Check",
+        "Api-Key",
+        "X-Api-Key",
+    )
+)
+
+
+@dataclass(slots=True)
+class Outbound:
+    """The client's request, parsed once; each tier gets it with its own model and key."""
+
+    payload: dict[str, Any]
+    headers: dict[str, str]
+    stream: bool
+    strip_usage: bool  # usage was requested by the proxy, not the client
+    request_bytes: int
+    exact_numbers: bool = False  # serialise with the stdlib (integers beyond 64 bits)
+    check: Check | None = None  # what the answer must be (the quality gate); None: not checked
+    _bodies: dict[str, bytes] = field(default_factory=dict)
+
+    def body_for(self, tier: Tier) -> bytes:
+        """The body for `tier` (cached). Raises TypeError for what cannot be serialised, such as
+        nesting deeper than orjson writes: callers serialise once before the first attempt."""
+        body = self._bodies.get(tier.id)
+        if body is None:
+            self.payload["model"] = tier.model
+            if self.exact_numbers:
+                body = json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False).encode()
+            else:
+                body = orjson.dumps(self.payload)
+            self._bodies[tier.id] = body
+        return body
+
+    def headers_for(self, tier: Tier) -> dict[str, str]:
+        headers = dict(self.headers)
+        headers["Content-Type"] = "application/json"
+        if tier.api_key:
+            headers["Authorization"] = f"Bearer {tier.api_key}"
+        return headers
+
+
+def forwardable_headers(headers: Any) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
