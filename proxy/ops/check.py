@@ -37,6 +37,7 @@ def describe(config: Config) -> str:
         f"escalation: after {config.routing.escalate_after_failures} consecutive failures of "
         f"{config.routing.primary!r}, for {config.routing.breaker_cooldown_seconds:g}s",
         f"ledger: {config.ledger.path}",
+        _quality(config),
         _server(config),
         _clients(config),
         _budgets(config),
@@ -56,6 +57,24 @@ def _transport(t: Transport) -> str:
         u = urlsplit(t.http_proxy)
         parts.append(f"through the proxy {u.scheme}://{u.hostname}{f':{u.port}' if u.port else ''}")
     return "; ".join(parts)
+
+
+def _quality(config: Config) -> str:
+    q = config.quality
+    if not q.enabled:
+        return "quality gate: off (answers are never checked)"
+    checks = [
+        name
+        for name, on in (
+            ("json_object", q.json_object),
+            ("json_schema", q.json_schema),
+            ("tool_calls", q.tool_calls),
+            ("cut_or_empty", q.cut_or_empty),
+        )
+        if on
+    ]
+    streams = "checked streams held until checked" if q.hold_streams else "checked streams relayed live, checked after"
+    return f"quality gate: {', '.join(checks) or 'no check'}; without X-Proxy-Check: {q.default}; {streams}"
 
 
 def _server(config: Config) -> str:
