@@ -165,6 +165,7 @@ class Fault:
     header: str | None = None  # a header the answer must carry
     log_has: str | None = None
     xfail: str | None = None
+    request_headers: tuple[tuple[str, str], ...] = ()
 
 
 def _timeouts(**kw: Any) -> dict[str, Any]:
@@ -460,6 +461,61 @@ UPSTREAM_FAULTS: list[Fault] = [
 ]
 
 
+# The quality gate (issue 12): a 200 answer that is not what the client asked for.
+_PLAN = '{"goal": "ship", "steps": [{"id": 1, "action": "draft", "done": false}]}'
+_WANTS_JSON = (("X-Proxy-Check", "json"),)
+
+
+def _bad_answer(error: str, **kw: Any) -> dict[str, Any]:
+    return {
+        "others_always": Behaviour(content=_PLAN),
+        "ledger": ("llama:invalid_output", "llama:invalid_output", "ollama:ok"),
+        "first_error": error,
+        "request_headers": _WANTS_JSON,
+        "header": "X-Proxy-Check",
+        "body_lacks": b"Sure!",
+        **kw,
+    }
+
+
+UPSTREAM_FAULTS += [
+    *_both(
+        Fault(
+            "answer-prose-around-json",
+            "llama answers 200 with prose around the JSON the client asked for: retried, then ollama",
+            llama_always=Behaviour(content=f"Sure! Here is the plan: {_PLAN}"),
+            **_bad_answer("content is not JSON (prose around the JSON)"),
+        )
+    ),
+    *_both(
+        Fault(
+            "answer-cut-at-max-tokens",
+            "llama answers 200 with JSON cut at max_tokens (finish_reason length): retried, then ollama",
+            llama_always=Behaviour(content="Sure! " + _PLAN[:30], finish_reason="length"),
+            **_bad_answer("cut at max_tokens"),
+        )
+    ),
+    *_both(
+        Fault(
+            "answer-all-tiers-bad",
+            "every tier answers 200 with prose instead of JSON: the last answer, marked failed",
+            llama_always=Behaviour(content="Sure! no JSON here"),
+            **(
+                _bad_answer("content is not JSON")
+                | {
+                    "others_always": Behaviour(content="Sure! no JSON here either"),
+                    "tier": "kimi",
+                    "hits": (2, 2, 1),
+                    "ledger": ("llama:invalid_output",) * 2 + ("ollama:invalid_output",) * 2 + ("kimi:invalid_output",),
+                    "body_lacks": None,
+                    "body_has": b'"sim_tier":"kimi"',
+                }
+            ),
+        )
+    ),
+]
+
+
 def _param(f: Fault) -> Any:
     marks = [pytest.mark.xfail(strict=True, reason=f.xfail)] if f.xfail else []
     return pytest.param(f, id=f.id, marks=marks)
@@ -513,7 +569,7 @@ async def test_upstream_fault(
             sims.sims[name].always(case.others_always)
     log_start = proxy.log.stat().st_size
     rid = request_id(case.id)
-    a = await chat(session, proxy, stream=case.stream, rid=rid)
+    a = await chat(session, proxy, stream=case.stream, rid=rid, headers=dict(case.request_headers))
     observe.client = describe_answer(a)
     observe.extra["seconds"] = round(a.elapsed, 3)
     await asyncio.gather(*(sims.sims[n].wait_idle() for n in TIERS))
