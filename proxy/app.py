@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.gateway import catalog, chat
+from proxy.gateway import catalog, handler
 from proxy.gateway.auth import client_keys
 from proxy.gateway.client_io import expect, openai_errors
 from proxy.gateway.state import STATE, ProxyState
@@ -52,8 +52,12 @@ def create_app(
         app.cleanup_ctx.append(sighup_reloads)
     r = app.router
     # expect: other Expect values than 100-continue get a 417 in OpenAI's format
-    r.add_post("/v1/chat/completions", chat.post_chat_completions, expect_handler=expect)
+    r.add_post("/v1/chat/completions", handler.post_chat_completions, expect_handler=expect)
+    r.add_post("/v1/responses", handler.post_responses, expect_handler=expect)
+    r.add_post("/v1/completions", handler.post_completions, expect_handler=expect)
+    r.add_post("/v1/embeddings", handler.post_embeddings, expect_handler=expect)
     r.add_get("/v1/models", catalog.get_models, expect_handler=expect)
+    r.add_get("/v1/models/{model_id}", catalog.get_model, expect_handler=expect)
     r.add_get("/healthz", endpoints.get_healthz, expect_handler=expect)
     r.add_get("/readyz", endpoints.get_readyz, expect_handler=expect)
     r.add_get("/proxy/report", endpoints.get_report, expect_handler=expect)

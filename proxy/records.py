@@ -11,6 +11,19 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 
+class Api(enum.StrEnum):
+    """The OpenAI endpoint a request came to, as its path under /v1 (and under a tier's base_url)."""
+
+    CHAT = "chat/completions"
+    RESPONSES = "responses"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+    @property
+    def path(self) -> str:
+        return f"/v1/{self.value}"
+
+
 class AttemptOutcome(enum.StrEnum):
     OK = "ok"
     TIMEOUT = "timeout"
@@ -91,6 +104,7 @@ class CallRecord:
     chain: tuple[str, ...]
     stream: bool
     requested_model: str | None
+    api: Api = Api.CHAT
     client: str | None = None  # name of the client key, never the secret
     duration_ms: float = 0.0
     tier: str | None = None  # the tier that answered

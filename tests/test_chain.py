@@ -355,13 +355,14 @@ async def test_models_health_ready_and_unknown_paths(make_proxy: ProxyFactory) -
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 200 and (await ready.json())["tiers"]["kimi"]["usable"] is True
-    for method, path in (("GET", "/v1/embeddings"), ("POST", "/v1/completions"), ("GET", "/nowhere")):
+    for method, path in (("POST", "/v1/images/generations"), ("GET", "/v1/files"), ("GET", "/nowhere")):
         resp = await client.request(method, path)
         assert resp.status == 404
         assert "error" in await resp.json()
-    resp = await client.get("/v1/chat/completions")
-    assert resp.status == 405
-    assert (await resp.json())["error"]["code"] == "method_not_allowed"
+    for path in ("/v1/chat/completions", "/v1/responses", "/v1/completions", "/v1/embeddings"):
+        resp = await client.get(path)
+        assert resp.status == 405 and resp.headers["Allow"] == "POST"
+        assert (await resp.json())["error"]["code"] == "method_not_allowed"
 
 
 async def test_missing_kimi_key_skips_the_tier(make_proxy: ProxyFactory, upstreams: dict[str, Upstream]) -> None:

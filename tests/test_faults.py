@@ -375,7 +375,7 @@ UPSTREAM_FAULTS: list[Fault] = [
         "not-a-completion",
         "llama answers 200 with JSON that is not a chat completion: retried, then ollama",
         llama_always=Behaviour(not_completion=True),
-        **_bad("not a chat completion"),
+        **_bad("not a completion (no choices)"),
     ),
     Fault(
         "enormous-body",

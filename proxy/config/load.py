@@ -23,6 +23,7 @@ from proxy.config.resolved import ClientKey, Config, Price, Tier, Transport
 from proxy.config.schema import AuthSpec, FileSpec, PriceSpec, TierSpec
 from proxy.config.strategic_planner import PLANNER_KEYS, apply_planner_block
 from proxy.gateway.redact import Redactor
+from proxy.records import Api
 
 log = logging.getLogger("proxy.config")
 
@@ -124,6 +125,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
                 api_key=key or None,
                 skip_reason=skip,
                 transport=_transport(source, tier_id, ts, warnings),
+                endpoints=frozenset(Api) if ts.endpoints is None else frozenset(Api(e) for e in ts.endpoints),
             )
         )
     if not tiers:

@@ -8,6 +8,7 @@ from decimal import Decimal
 
 from proxy.config.schema import BudgetSpec, LedgerSpec, QualitySpec, RetrySpec, RoutingSpec, ServerSpec
 from proxy.gateway.redact import Redactor
+from proxy.records import Api
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +45,14 @@ class Tier:
     skip_reason: str | None = None  # set when the tier cannot be used (disabled, no key)
     stream_max: float | None = None  # cap on a stream after its first event; None: no cap
     transport: Transport = field(default_factory=Transport)
+    endpoints: frozenset[Api] = frozenset(Api)
 
     @property
     def usable(self) -> bool:
         return self.skip_reason is None
 
-    @property
-    def chat_url(self) -> str:
-        return self.base_url + "/chat/completions"
+    def url(self, api: Api) -> str:
+        return f"{self.base_url}/{api.value}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,9 @@ class TierSpec(Strict, frozen=True):
     ca_bundle: str | None = None
     verify_tls: bool = True
     http_proxy: str | None = None
+    # The OpenAI endpoints the tier serves (under its base_url); a request to another endpoint
+    # leaves the tier out of its chain. None: all of them.
+    endpoints: list[Literal["chat/completions", "responses", "completions", "embeddings"]] | None = None
 
 
 class RoutingSpec(Strict, frozen=True):
@@ -158,6 +161,7 @@ def _default_tiers() -> dict[str, TierSpec]:
             paid=True,
             timeout_seconds=30.0,
             aliases=["kimi-k2"],
+            endpoints=["chat/completions", "responses"],  # Moonshot's API has no completions or embeddings
             price=PriceSpec(
                 input_per_mtok=Decimal("0.60"),
                 cached_input_per_mtok=Decimal("0.15"),

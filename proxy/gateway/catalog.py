@@ -1,5 +1,5 @@
-"""What this proxy serves under /v1: GET /v1/models, and a 404 or 405 in OpenAI's format for
-every other /v1 path or method."""
+"""What this proxy serves under /v1: GET /v1/models and /v1/models/{id}, and a 404 or 405 in
+OpenAI's format for every other /v1 path or method."""
 
 from __future__ import annotations
 
@@ -7,27 +7,50 @@ from typing import Any
 
 from aiohttp import web
 
+from proxy.config import Config
 from proxy.errors import MethodNotAllowed, NotFound
 from proxy.gateway.state import STATE
+from proxy.records import Api
 
-_KNOWN = {"/v1/chat/completions": "POST", "/v1/models": "GET"}
+_KNOWN = {**{api.path: "POST" for api in Api}, "/v1/models": "GET"}
+_SERVED = ", ".join(f"POST {api.path}" for api in Api) + ", GET /v1/models and GET /v1/models/{id}"
 
 
 def _model(model_id: str, **extra: Any) -> dict[str, Any]:
     return {"id": model_id, "object": "model", "created": 0, "owned_by": "proxy", **extra}
 
 
-async def get_models(request: web.Request) -> web.Response:
-    config = request.app[STATE].config
+def _catalog(config: Config) -> list[dict[str, Any]]:
     data = [_model("auto")]
     for t in config.usable_tiers:
         data.append(_model(t.id, upstream_model=t.model, paid=t.paid))
         data.extend(_model(a, alias_of=t.id) for a in t.aliases)
-    return web.json_response({"object": "list", "data": data})
+    return data
+
+
+async def get_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": _catalog(request.app[STATE].config)})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """`client.models.retrieve(id)`: any name `GET /v1/models` lists."""
+    config = request.app[STATE].config
+    wanted = request.match_info["model_id"]
+    for entry in _catalog(config):
+        if entry["id"] == wanted:
+            return web.json_response(entry)
+    names = ", ".join(e["id"] for e in _catalog(config))
+    raise NotFound(
+        f"The model {wanted!r} does not exist on this proxy. Use one of: {names}.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 async def unknown_v1(request: web.Request) -> web.Response:
     allowed = _KNOWN.get(request.path)
+    if allowed is None and request.path.startswith("/v1/models/") and request.path.count("/") == 3:
+        allowed = "GET"  # /v1/models/{id}
     if allowed is not None and allowed != request.method:
         raise MethodNotAllowed(
             f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
@@ -35,7 +58,6 @@ async def unknown_v1(request: web.Request) -> web.Response:
             headers={"Allow": allowed},
         )
     raise NotFound(
-        f"Unknown endpoint {request.method} {request.path}: this proxy serves POST /v1/chat/completions "
-        "and GET /v1/models.",
+        f"Unknown endpoint {request.method} {request.path}: this proxy serves {_SERVED}.",
         code="unknown_url",
     )

@@ -18,6 +18,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import HttpVersion11, web
@@ -34,6 +35,7 @@ from proxy.errors import (
     RequestTimeout,
     error_response,
 )
+from proxy.records import Api
 
 log = logging.getLogger("proxy")
 
@@ -80,6 +82,54 @@ async def read_body(request: web.Request, server: ServerSpec) -> bytes:
             f"The request body did not arrive within {server.body_read_timeout_seconds:g} s.",
             code="body_timeout",
         ) from None
+
+
+# How a stream's last event ends, and how much of it to hold back: the line break that makes
+# the blank line an SSE client needs before it acts on the event (a CR alone ends a line too).
+_DONE_ENDS = ((b"[DONE]\r\n\r\n", 2), (b"[DONE]\n\n", 1))
+# A Responses stream has no [DONE]: its last event is the response's final state.
+_FINAL_RESPONSE = (b'"response.completed"', b'"response.incomplete"', b'"response.failed"')
+
+
+class HeldEndStream(web.StreamResponse):
+    """A committed stream that holds back the end of its final event (`[DONE]`, or a Responses
+    stream's `response.completed`) until `write_eof`, which the handler calls only after the
+    record is journaled: a client that saw its stream complete has its ledger row even if the
+    proxy is killed the next instant. The relay writes whole events, so the check is a suffix
+    test per write (and, for a Responses stream, a search in its last event)."""
+
+    _held = b""
+    _responses = False
+
+    @classmethod
+    def for_api(cls, api: Api, **kwargs: Any) -> HeldEndStream:
+        resp = cls(**kwargs)
+        resp._responses = api is Api.RESPONSES
+        return resp
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        data = self._held + bytes(data) if self._held else bytes(data)
+        self._held = b""
+        keep = self._final_end(data)
+        if keep:
+            data, self._held = data[:-keep], data[-keep:]
+        if data:
+            await super().write(data)
+
+    def _final_end(self, data: bytes) -> int:
+        for end, keep in _DONE_ENDS:
+            if data.endswith(end):
+                return keep
+        if self._responses:
+            keep = 2 if data.endswith(b"\r\n\r\n") else 1 if data.endswith(b"\n\n") else 0
+            last = data[data.rfind(b"\n\n", 0, len(data) - keep - 1) + 1 :]
+            if keep and any(m in last for m in _FINAL_RESPONSE):
+                return keep
+        return 0
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        held, self._held = self._held, b""
+        await super().write_eof(held + data)
 
 
 async def start_stream(resp: web.StreamResponse, request: web.Request, server: ServerSpec) -> None:

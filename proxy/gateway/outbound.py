@@ -11,6 +11,7 @@ import orjson
 
 from proxy.config import Tier
 from proxy.gateway.quality import Check
+from proxy.records import Api
 
 # Sent upstream as the proxy's own; the client's values for these never cross.
 _DROP_REQUEST_HEADERS = frozenset(
@@ -55,6 +56,7 @@ class Outbound:
     request_bytes: int
     exact_numbers: bool = False  # serialise with the stdlib (integers beyond 64 bits)
     check: Check | None = None  # what the answer must be (the quality gate); None: not checked
+    api: Api = Api.CHAT
     _bodies: dict[str, bytes] = field(default_factory=dict)
 
     def body_for(self, tier: Tier) -> bytes:

@@ -13,13 +13,14 @@ import math
 from dataclasses import dataclass
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from proxy.errors import error_json
 from proxy.gateway.client_io import ClientGone, write
 from proxy.gateway.redact import Redactor
 from proxy.gateway.sse import StreamWatch, events_within
-from proxy.records import AttemptOutcome, AttemptRecord
+from proxy.records import Api, AttemptOutcome, AttemptRecord
 
 # Why a relay stopped early: the attempt's outcome and its error, in words.
 Cut = tuple[AttemptOutcome, str]
@@ -60,7 +61,7 @@ async def relay_stream(
         rec.fail(*cut)
         if watch.error and not watch.overflow and cut[1].startswith(_UPSTREAM_ERROR):
             return  # an upstream error event was already passed on as it came
-    await _end_with_error(client, redactor.clean_text(rec.error or "stream interrupted"))
+    await _end_with_error(client, redactor.clean_text(rec.error or "stream interrupted"), watch.api)
 
 
 _UPSTREAM_ERROR = "upstream error in stream: "
@@ -75,7 +76,8 @@ def stream_fault(watch: StreamWatch) -> Cut | None:
     if watch.truncated:
         return AttemptOutcome.BAD_RESPONSE, "upstream stream ended in the middle of an event"
     if not watch.done:
-        return AttemptOutcome.BAD_RESPONSE, "upstream stream ended without [DONE]"
+        end = "response.completed" if watch.api is Api.RESPONSES else "[DONE]"
+        return AttemptOutcome.BAD_RESPONSE, f"upstream stream ended without {end}"
     return None
 
 
@@ -157,12 +159,14 @@ async def _pump(
             eof, data = True, redactor.clean(watch.finish())
 
 
-async def _end_with_error(client: web.StreamResponse, message: str) -> None:
-    event = (
-        b"data: "
-        + error_json(f"Upstream failed mid-stream: {message}", "upstream_error", "stream_interrupted")
-        + b"\n\n"
-    )
+async def _end_with_error(client: web.StreamResponse, message: str, api: Api) -> None:
+    text = f"Upstream failed mid-stream: {message}"
+    if api is Api.RESPONSES:
+        # What clients of the Responses API wait for: an `error` event (there is no [DONE]).
+        doc = {"type": "error", "code": "stream_interrupted", "message": text, "param": None, "sequence_number": 0}
+        event = b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"
+    else:
+        event = b"data: " + error_json(text, "upstream_error", "stream_interrupted") + b"\n\n"
     try:
         await write(client, event)
     except ClientGone:

@@ -15,12 +15,18 @@ import orjson
 
 from proxy.gateway.assembly import StreamAssembly
 from proxy.gateway.usage import parse_usage
-from proxy.records import Usage, UsageSource
+from proxy.records import Api, Usage, UsageSource
 
 _DATA = b"data:"
 _DONE = b"[DONE]"
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {')
 _ERROR_MARKER = b'"error"'
+# The Responses API: its stream opens with bookkeeping events (the response, then empty output
+# items and parts being `.added`: committing on those would leave nothing to fail over to), ends
+# with a terminal one, and says failure in its own event types.
+_BOOKKEEPING = frozenset({"response.created", "response.in_progress", "response.queued"})
+_TERMINAL = (b'"response.completed"', b'"response.incomplete"')
+_FAILED = frozenset({"error", "response.failed"})
 
 
 @dataclass(slots=True)
@@ -36,6 +42,8 @@ class StreamWatch:
     model: str | None = None
     error: str | None = None  # an error event the upstream sent in the stream
     first: dict[str, object] | None = None  # the first data event, decoded
+    api: Api = Api.CHAT
+    answering: bool = False  # a Responses stream is past its bookkeeping events
     assembly: StreamAssembly | None = None  # set when the answer will be judged: every event is decoded
 
     def feed(self, chunk: bytes) -> bytes:
@@ -75,7 +83,9 @@ class StreamWatch:
         self.data_events += n
         if self.assembly is not None:
             self.assembly.feed(out)
-        if _DONE in out:
+        if self.api is Api.RESPONSES:
+            self._responses_progress(out)
+        elif _DONE in out:
             self.done = True
         if _USAGE_MARKERS[0] in out or _USAGE_MARKERS[1] in out or _ERROR_MARKER in out:
             out = self._read_special(out)
@@ -99,6 +109,9 @@ class StreamWatch:
             return
         self.first = decoded
         model = decoded.get("model")
+        response = decoded.get("response")
+        if model is None and isinstance(response, dict):  # a Responses event carries its response
+            model = response.get("model")
         self.model = model if isinstance(model, str) else None
 
     def _read_special(self, out: bytes) -> bytes:
@@ -113,9 +126,15 @@ class StreamWatch:
             decoded = _loads_or_none(payload) if payload is not None and payload != _DONE else None
             if not isinstance(decoded, dict):
                 continue
-            if "error" in decoded and "choices" not in decoded:
+            if "error" in decoded and "choices" not in decoded and "type" not in decoded:
                 self.error = _error_text(decoded["error"])
-            usage = parse_usage(decoded.get("usage"), UsageSource.UPSTREAM)
+            kind = decoded.get("type")
+            if kind in _FAILED:
+                self.error = _responses_error(decoded)
+            raw_usage = decoded.get("usage")
+            if isinstance(kind, str) and isinstance(decoded.get("response"), dict):
+                raw_usage = decoded["response"].get("usage")  # response.completed carries the response
+            usage = parse_usage(raw_usage, UsageSource.UPSTREAM)
             if usage is not None:
                 self.usage = usage
                 if self.strip_usage and not decoded.get("choices"):
@@ -129,9 +148,36 @@ class StreamWatch:
         parts.append(out[last:])
         return b"".join(parts)
 
+    def _responses_progress(self, out: bytes) -> None:
+        if any(m in out for m in _TERMINAL) or _DONE in out:
+            self.done = True
+        if self.answering:
+            return
+        # Until the answer starts, each event is decoded for its type (a handful per stream).
+        for line in out.splitlines():
+            if line.startswith(_DATA):
+                kind = _loads_or_none(line[5:].strip())
+                kind = kind.get("type") if isinstance(kind, dict) else None
+                if isinstance(kind, str) and kind not in _BOOKKEEPING and not kind.endswith(".added"):
+                    self.answering = True
+                    return
+
+    @property
+    def ready(self) -> bool:
+        """The stream may be committed to the client: its answer has begun."""
+        if self.api is Api.RESPONSES:
+            return self.answering or self.done or self.error is not None
+        return self.data_events > 0
+
     @property
     def first_is_completion_chunk(self) -> bool:
-        return isinstance(self.first, dict) and isinstance(self.first.get("choices"), list)
+        """The first event is what this endpoint streams (else the upstream is not speaking its API)."""
+        if not isinstance(self.first, dict):
+            return False
+        if self.api is Api.RESPONSES:
+            kind = self.first.get("type")
+            return isinstance(kind, str) and (kind.startswith("response.") or kind == "error")
+        return isinstance(self.first.get("choices"), list)
 
 
 def events_within(out: bytes, size: int) -> bytes:
@@ -183,6 +229,14 @@ def _loads_or_none(payload: bytes) -> object:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
+
+
+def _responses_error(event: dict[str, object]) -> str:
+    if event.get("type") == "error":
+        return _error_text(event)
+    response = event.get("response")
+    err = response.get("error") if isinstance(response, dict) else None
+    return _error_text(err) if err else "the upstream reported response.failed"
 
 
 def _error_text(err: object) -> str:

@@ -28,7 +28,7 @@ from proxy.gateway.redact import Redactor
 from proxy.gateway.relay import StreamLimits, hold_stream, relay_stream
 from proxy.gateway.sse import StreamWatch
 from proxy.gateway.usage import estimate_tokens, estimate_usage, parse_usage
-from proxy.records import AttemptOutcome, AttemptRecord, Usage, UsageSource
+from proxy.records import Api, AttemptOutcome, AttemptRecord, Usage, UsageSource
 
 
 @dataclass(slots=True)
@@ -82,7 +82,7 @@ class Target:
         # Never follow a redirect: on 307/308 aiohttp would re-send the prompt (and the key's
         # request) to whatever host the upstream names, and bill its answer as this tier's.
         return self.session.post(
-            tier.chat_url,
+            tier.url(out.api),
             data=out.body_for(tier),
             headers=out.headers_for(tier),
             timeout=self.client_timeout,
@@ -150,8 +150,9 @@ def _check_completion(
     except orjson.JSONDecodeError:
         rec.fail(AttemptOutcome.BAD_RESPONSE, "response is not JSON")
         return Reply()
-    if not isinstance(doc, dict) or not isinstance(doc.get("choices"), list):
-        rec.fail(AttemptOutcome.BAD_RESPONSE, "response is not a chat completion (no choices)")
+    why = _not_an_answer(doc, out.api)
+    if why is not None:
+        rec.fail(AttemptOutcome.BAD_RESPONSE, why)
         return Reply()
     rec.outcome = AttemptOutcome.OK
     model = doc.get("model")
@@ -163,6 +164,23 @@ def _check_completion(
     if out.check is not None:
         _judge(rec, out.check, doc)
     return Reply(body=redactor.clean_buffer(body), content_type=content_type)
+
+
+def _not_an_answer(doc: object, api: Api) -> str | None:
+    """Why a 200 body is not an answer of this endpoint's kind (None: it is one)."""
+    if not isinstance(doc, dict):
+        return "response is not a JSON object"
+    if api is Api.RESPONSES:
+        if not isinstance(doc.get("output"), list):
+            return "response is not a Responses API response (no output)"
+        if doc.get("status") == "failed":
+            err = doc.get("error")
+            msg = err.get("message") if isinstance(err, dict) else None
+            return f"the upstream's response failed: {msg if isinstance(msg, str) else 'no reason given'}"[:300]
+        return None
+    if api is Api.EMBEDDINGS:
+        return None if isinstance(doc.get("data"), list) else "response is not an embeddings list (no data)"
+    return None if isinstance(doc.get("choices"), list) else "response is not a completion (no choices)"
 
 
 def _judge(rec: AttemptRecord, check: Check, doc: dict[str, Any]) -> None:
@@ -255,7 +273,7 @@ async def _stream(
     target: Target, out: Outbound, rec: AttemptRecord, timeout: float, commit: Committer, t0: float
 ) -> Reply:
     tier = target.tier
-    watch = StreamWatch(strip_usage=out.strip_usage, max_event_bytes=target.max_response_bytes)
+    watch = StreamWatch(strip_usage=out.strip_usage, max_event_bytes=target.max_response_bytes, api=out.api)
     if out.check is not None:
         watch.assembly = StreamAssembly()
     async with asyncio.timeout(timeout) as deadline, target.gate, target.post(out) as resp:
@@ -270,7 +288,7 @@ async def _stream(
         pending = b""
         async for chunk in resp.content.iter_any():
             pending += watch.feed(chunk)
-            if watch.data_events or watch.overflow:
+            if watch.ready or watch.overflow or (watch.first is not None and not watch.first_is_completion_chunk):
                 break
         if watch.overflow:
             rec.fail(AttemptOutcome.BAD_RESPONSE, f"stream event too large (over {target.max_response_bytes} bytes)")
@@ -279,7 +297,11 @@ async def _stream(
             rec.fail(AttemptOutcome.BAD_RESPONSE, "stream ended before its first event")
             return Reply()
         if watch.error or not watch.first_is_completion_chunk:
-            rec.fail(AttemptOutcome.BAD_RESPONSE, watch.error or "first stream event is not a completion chunk")
+            expected = "a Responses API event" if out.api is Api.RESPONSES else "a completion chunk"
+            rec.fail(AttemptOutcome.BAD_RESPONSE, watch.error or f"first stream event is not {expected}")
+            return Reply()
+        if not watch.ready:
+            rec.fail(AttemptOutcome.BAD_RESPONSE, "stream ended before its answer began")
             return Reply()
         rec.ttft_ms = (time.monotonic() - t0) * 1000.0
         if watch.model:

@@ -9,15 +9,18 @@ _BYTES_PER_TOKEN = 4
 
 
 def parse_usage(raw: object, source: UsageSource) -> Usage | None:
-    """OpenAI's `usage` object -> Usage; None when absent or not usable."""
+    """OpenAI's `usage` object -> Usage; None when absent or not usable. Chat and completions
+    say prompt/completion tokens, the Responses API input/output tokens, embeddings only the
+    prompt's."""
     if not isinstance(raw, dict):
         return None
-    prompt = raw.get("prompt_tokens")
-    completion = raw.get("completion_tokens")
+    responses = "input_tokens" in raw
+    prompt = raw.get("input_tokens" if responses else "prompt_tokens")
+    completion = raw.get("output_tokens" if responses else "completion_tokens", 0 if "total_tokens" in raw else None)
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     cached = 0
-    details = raw.get("prompt_tokens_details")
+    details = raw.get("input_tokens_details" if responses else "prompt_tokens_details")
     if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
         cached = details["cached_tokens"]
     elif isinstance(raw.get("cached_tokens"), int):  # Moonshot's older field

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from proxy.sim import answers, bodies
+from proxy.sim import answers, apis, bodies
 from proxy.sim.settings import SIM_SETTINGS, SIM_STATS, Behaviour, RecordedRequest, SimSettings, SimStats
 
 
@@ -197,6 +197,8 @@ async def _answer(
     created = int(time.time())
     completion_id = f"chatcmpl-sim-{number}"
 
+    if request.path != "/v1/chat/completions":
+        return await _other_api(request, state, b, headers, kind, payload, (shape, canned, number, created, model))
     if stream:
         headers["Content-Type"] = (b.content_type or bodies.SSE) + kind
         headers["Cache-Control"] = "no-cache"
@@ -228,6 +230,37 @@ async def _answer(
             if not b.no_usage:
                 doc["usage"] = bodies.usage(prompt_tokens, completion_tokens + pad_words)
             data = orjson.dumps(doc)
+    return await _whole(request, state, b, 200, headers, data)
+
+
+async def _other_api(
+    request: web.Request,
+    state: _State,
+    b: Behaviour,
+    headers: dict[str, str],
+    kind: str,
+    payload: dict[str, Any],
+    about: tuple[answers.Shape | None, bodies.Canned, int, int, str],
+) -> web.StreamResponse:
+    """/v1/responses, /v1/completions, /v1/embeddings (sim/apis.py), with the same faults."""
+    shape, canned, number, created, model = about
+    settings = request.app[SIM_SETTINGS]
+    call = apis.Call(
+        number,
+        created,
+        model,
+        settings.name,
+        shape or answers.Shape(canned.content),
+        1 + len(orjson.dumps(payload)) // 4,
+    )
+    if payload.get("stream") is True and request.path != apis.EMBEDDINGS:
+        headers["Content-Type"] = (b.content_type or bodies.SSE) + kind
+        headers["Cache-Control"] = "no-cache"
+        options = payload.get("stream_options")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True and not b.no_usage
+        return await _stream(request, state, b, headers, apis.events(request.path, call, b, include_usage))
+    headers["Content-Type"] = (b.content_type or bodies.JSON) + kind
+    data = bodies.NOT_COMPLETION if b.not_completion else apis.whole(request.path, call, payload)
     return await _whole(request, state, b, 200, headers, data)
 
 
@@ -333,7 +366,8 @@ def create_sim_app(settings: SimSettings | None = None) -> web.Application:
     app[SIM_SETTINGS] = settings
     app[SIM_STATS] = SimStats()
     app[_STATE] = _State(rng=random.Random(settings.seed))
-    app.router.add_post("/v1/chat/completions", _chat)
+    for path in ("/v1/chat/completions", apis.RESPONSES, apis.COMPLETIONS, apis.EMBEDDINGS):
+        app.router.add_post(path, _chat)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/health", _health)
     app.on_shutdown.append(_on_shutdown)

@@ -1,37 +1,37 @@
-"""POST /v1/chat/completions: the request path, from the body to the answer and its record.
+"""POST /v1/chat/completions, /v1/responses, /v1/completions and /v1/embeddings: the request
+path, from the body to the answer and its record; one path for all four, which differ only in
+the body's required field, the shape of an answer and its stream (body.py, upstream.py, sse.py).
 
-client key -> body -> plan (routing, breakers, budget) -> the failover loop over one attempt
-per tier (upstream.py) -> the answer, or a stream relayed as it comes (relay.py) -> the record,
-handed to the ledger without waiting.
+client key -> body -> plan (routing, breakers, budget, the tiers serving the endpoint) -> the
+failover loop over one attempt per tier (upstream.py) -> the answer, or a stream relayed as it
+comes (relay.py) -> the record, handed to the ledger without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 
 from aiohttp import web
 
 from proxy.config import Tier
-from proxy.errors import BadRequest, ProxyError, error_response
-from proxy.gateway.body import ChatRequest, ask_for_usage, parse_chat_body
-from proxy.gateway.client_io import end_stream, read_body, start_stream
+from proxy.errors import BadRequest, NotFound, ProxyError, error_response
+from proxy.gateway.body import ClientBody, ask_for_usage, parse_body
+from proxy.gateway.client_io import HeldEndStream, end_stream, read_body, start_stream
 from proxy.gateway.failover import ChainResult
 from proxy.gateway.outbound import Outbound, forwardable_headers
 from proxy.gateway.quality import Check
-from proxy.gateway.routing import make_plan, parse_hints
+from proxy.gateway.routing import Plan, make_plan, parse_hints
 from proxy.gateway.spend import SpendGate, output_ceiling
 from proxy.gateway.state import CLIENT_KEY, STATE, ProxyState
 from proxy.gateway.upstream import SSE_CONTENT_TYPE, Reply, attempt
 from proxy.ops.logs import log_request
-from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, CheckResult, Outcome, Route
+from proxy.records import Api, AttemptOutcome, AttemptRecord, CallRecord, CheckResult, Outcome, Route
 
 CHECK_HEADER = "X-Proxy-Check"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# How a stream's last event ends, and how much of it to hold back: the line break that makes
-# the blank line an SSE client needs before it acts on [DONE] (a CR alone ends a line too).
-_DONE_ENDS = ((b"[DONE]\r\n\r\n", 2), (b"[DONE]\n\n", 1))
 
 
 def _request_id(request: web.Request, state: ProxyState) -> str:
@@ -42,6 +42,22 @@ def _request_id(request: web.Request, state: ProxyState) -> str:
 
 
 async def post_chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, Api.CHAT)
+
+
+async def post_responses(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, Api.RESPONSES)
+
+
+async def post_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, Api.COMPLETIONS)
+
+
+async def post_embeddings(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, Api.EMBEDDINGS)
+
+
+async def _serve(request: web.Request, api: Api) -> web.StreamResponse:
     state = request.app[STATE]
     rec = CallRecord(
         request_id=_request_id(request, state),
@@ -50,10 +66,11 @@ async def post_chat_completions(request: web.Request) -> web.StreamResponse:
         chain=(),
         stream=False,
         requested_model=None,
+        api=api,
     )
     close = _RecordCloser(rec, state, time.monotonic())
     try:
-        return await _handle_chat(request, state, rec, close)
+        return await _handle(request, state, rec, close)
     except ProxyError as e:
         rec.status, rec.outcome, rec.error = e.status, Outcome.ERROR, e.message
         close()
@@ -69,29 +86,6 @@ async def post_chat_completions(request: web.Request) -> web.StreamResponse:
         raise
     finally:
         close()
-
-
-class _DoneLast(web.StreamResponse):
-    """A committed stream that holds back the end of its `data: [DONE]` event until
-    `write_eof`, which chat calls only after the record is journaled: a client that saw its
-    stream complete has its ledger row even if the proxy is killed the next instant. The relay
-    writes whole events, so the check is a suffix test per write."""
-
-    _held = b""
-
-    async def write(self, data: bytes | bytearray | memoryview) -> None:
-        data = self._held + bytes(data) if self._held else bytes(data)
-        self._held = b""
-        for end, keep in _DONE_ENDS:
-            if data.endswith(end):
-                data, self._held = data[:-keep], data[-keep:]
-                break
-        if data:
-            await super().write(data)
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        held, self._held = self._held, b""
-        await super().write_eof(held + data)
 
 
 class _RecordCloser:
@@ -114,29 +108,31 @@ class _RecordCloser:
             log_request(self.rec)
 
 
-async def _handle_chat(
-    request: web.Request, state: ProxyState, rec: CallRecord, close: _RecordCloser
-) -> web.StreamResponse:
+async def _handle(request: web.Request, state: ProxyState, rec: CallRecord, close: _RecordCloser) -> web.StreamResponse:
     key = request.get(CLIENT_KEY)
     if key is not None:
         rec.client = key.name
         state.limits.check_spend(key, time.time())
     raw = await read_body(request, state.config.server)
-    chat = parse_chat_body(raw)
+    chat = parse_body(raw, rec.api)
     rec.stream, rec.requested_model = chat.stream, chat.model
     if state.config.ledger.store_text:
         rec.request_body = raw
     hints = parse_hints(request.headers, chat.model)
-    plan = make_plan(
-        state.config,
-        hints,
-        state.breakers.blocked(time.monotonic()),
-        paid_blocked_for=state.budget.reopens_in(time.time()),
+    plan = serving(
+        make_plan(
+            state.config,
+            hints,
+            state.breakers.blocked(time.monotonic()),
+            paid_blocked_for=state.budget.reopens_in(time.time()),
+        ),
+        rec.api,
     )
     rec.route, rec.chain = plan.route, plan.tier_ids
     if plan.route is Route.ESCALATED:
         rec.escalated_for = state.breakers.get(state.config.routing.primary).opened_for
-    outbound = _outbound(request, chat, state.quality.check_for(chat.payload, hints.check))
+    check = state.quality.check_for(chat.payload, hints.check) if rec.api is Api.CHAT else None
+    outbound = _outbound(request, chat, check)
     try:
         outbound.body_for(plan.chain[0])
     except (TypeError, ValueError, RecursionError) as e:  # orjson.JSONEncodeError is a TypeError
@@ -156,7 +152,7 @@ async def _handle_chat(
         headers = _headers(rec, state, arec)
         headers["Content-Type"] = "text/event-stream; charset=utf-8"
         headers["Cache-Control"] = "no-cache"
-        resp = _DoneLast(status=200, headers=headers)
+        resp = HeldEndStream.for_api(rec.api, status=200, headers=headers)
         committed.append(resp)
         # A client that left before the first event reached it cancels the request: that is not the tier's failure.
         await start_stream(resp, request, state.config.server)
@@ -179,10 +175,11 @@ async def _handle_chat(
     return _respond(rec, result, state)
 
 
-def _outbound(request: web.Request, chat: ChatRequest, check: Check | None) -> Outbound:
+def _outbound(request: web.Request, chat: ClientBody, check: Check | None) -> Outbound:
     strip = ask_for_usage(chat)
     return Outbound(
         check=check,
+        api=chat.api,
         payload=chat.payload,
         headers=forwardable_headers(request.headers),
         stream=chat.stream,
@@ -190,6 +187,20 @@ def _outbound(request: web.Request, chat: ChatRequest, check: Check | None) -> O
         request_bytes=chat.size,
         exact_numbers=chat.exact_numbers,
     )
+
+
+def serving(plan: Plan, api: Api) -> Plan:
+    """The plan without the tiers that do not serve this endpoint (`tiers.<id>.endpoints`)."""
+    if all(api in t.endpoints for t in plan.chain):
+        return plan
+    chain = tuple(t for t in plan.chain if api in t.endpoints)
+    if not chain:
+        raise NotFound(
+            f"No tier of this request's chain ({', '.join(plan.tier_ids)}) serves {api.path}: list it in a "
+            "tier's `endpoints` in proxy.yaml if its server has that endpoint.",
+            code="endpoint_not_served",
+        )
+    return dataclasses.replace(plan, chain=chain)
 
 
 def _finish_record(rec: CallRecord, result: ChainResult) -> None:
