@@ -16,83 +16,21 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from proxy.sim import answers, apis, bodies
+from proxy.sim import answers, apis, bodies, send
 from proxy.sim.settings import SIM_SETTINGS, SIM_STATS, Behaviour, RecordedRequest, SimSettings, SimStats
-
-
-@dataclass(slots=True)
-class _State:
-    rng: random.Random
-    canned: dict[tuple[int, str], bodies.Canned] = field(default_factory=dict)
-    stopping: bool = False
-
-
-_STATE = web.AppKey("sim_state", _State)
-# How often a long wait looks for a vanished client: aiohttp only cancels handlers when the
-# server was built with handler_cancellation=True, which we cannot rely on.
-_POLL_SECONDS = 0.02
-
-
-class _CallerLeft(Exception):
-    pass
-
-
-class _ShuttingDown(Exception):
-    pass
-
-
-async def _pause(request: web.Request, state: _State, seconds: float | None) -> None:
-    """Sleep `seconds` (None: forever), ending early if the client or the server goes away."""
-    if seconds is not None and seconds <= 0:
-        return
-    loop = asyncio.get_running_loop()
-    deadline = None if seconds is None else loop.time() + seconds
-    while True:
-        if state.stopping:
-            raise _ShuttingDown
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise _CallerLeft
-        if deadline is None:
-            step = _POLL_SECONDS
-        else:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            step = min(remaining, _POLL_SECONDS)
-        await asyncio.sleep(step)
-
-
-async def _send(
-    request: web.Request, state: _State, resp: web.StreamResponse, data: bytes, trickle: float | None
-) -> None:
-    if trickle is None:
-        await resp.write(data)
-        return
-    for i in range(len(data)):
-        await resp.write(data[i : i + 1])
-        await _pause(request, state, trickle)
-
-
-def _cut(request: web.Request) -> None:
-    # close(), not abort(): the part already written must reach the client before the FIN,
-    # otherwise the fault would look like "nothing received" rather than "dropped mid-way".
-    transport = request.transport
-    if transport is not None:
-        transport.close()
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SIM_SETTINGS]
     stats = app[SIM_STATS]
-    state = app[_STATE]
+    state = app[send.STATE]
     stats.hits += 1
     number = stats.hits
     stats.active += 1
@@ -120,13 +58,13 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     except asyncio.CancelledError:
         stats.cancelled += 1
         raise
-    except (_CallerLeft, ConnectionError):
+    except (send.CallerLeft, ConnectionError):
         # Re-raising would make aiohttp log a 500 traceback for an ordinary disconnect;
         # returning lets it notice the dead transport and drop the connection quietly.
         stats.cancelled += 1
         return web.Response()
-    except _ShuttingDown:
-        _cut(request)
+    except send.ShuttingDown:
+        send.cut(request)
         return web.Response()
     finally:
         stats.active -= 1
@@ -149,19 +87,19 @@ def _record(request: web.Request, settings: SimSettings, stats: SimStats) -> Rec
 async def _answer(
     request: web.Request,
     settings: SimSettings,
-    state: _State,
+    state: send.State,
     b: Behaviour,
     payload: dict[str, Any],
     number: int,
     body_len: int,
 ) -> web.StreamResponse:
     if b.stall:
-        await _pause(request, state, None)
+        await send.pause(request, state, None)
     delay = b.headers_delay
     low, high = settings.latency
     if high > 0:
         delay += state.rng.uniform(low, high)
-    await _pause(request, state, delay)
+    await send.pause(request, state, delay)
 
     stream = payload.get("stream") is True
     headers: dict[str, str] = {}
@@ -181,7 +119,7 @@ async def _answer(
         data = b.error_body if b.error_body is not None else bodies.error_body(b.status, settings.name)
         if echo:
             data = orjson.dumps({"error": {"message": f"Incorrect API key provided: {echo}", "code": "bad_key"}})
-        return await _whole(request, state, b, b.status, headers, data)
+        return await send.whole(request, state, b, b.status, headers, data)
 
     model = settings.model
     if model is None:
@@ -207,7 +145,7 @@ async def _answer(
         events = bodies.stream_events(
             b, canned, completion_id, created, model, settings.name, include_usage, prompt_tokens, finish
         )
-        return await _stream(request, state, b, headers, events)
+        return await send.stream(request, state, b, headers, events)
 
     headers["Content-Type"] = (b.content_type or bodies.JSON) + kind
     if b.not_completion:
@@ -230,12 +168,12 @@ async def _answer(
             if not b.no_usage:
                 doc["usage"] = bodies.usage(prompt_tokens, completion_tokens + pad_words)
             data = orjson.dumps(doc)
-    return await _whole(request, state, b, 200, headers, data)
+    return await send.whole(request, state, b, 200, headers, data)
 
 
 async def _other_api(
     request: web.Request,
-    state: _State,
+    state: send.State,
     b: Behaviour,
     headers: dict[str, str],
     kind: str,
@@ -258,73 +196,10 @@ async def _other_api(
         headers["Cache-Control"] = "no-cache"
         options = payload.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True and not b.no_usage
-        return await _stream(request, state, b, headers, apis.events(request.path, call, b, include_usage))
+        return await send.stream(request, state, b, headers, apis.events(request.path, call, b, include_usage))
     headers["Content-Type"] = (b.content_type or bodies.JSON) + kind
     data = bodies.NOT_COMPLETION if b.not_completion else apis.whole(request.path, call, payload)
-    return await _whole(request, state, b, 200, headers, data)
-
-
-async def _whole(
-    request: web.Request,
-    state: _State,
-    b: Behaviour,
-    status: int,
-    headers: dict[str, str],
-    data: bytes,
-) -> web.StreamResponse:
-    """Send a complete (non-SSE) body, applying the faults that apply to one."""
-    if not (b.stall_after_headers or b.trickle is not None or b.drop_after is not None):
-        return web.Response(status=status, body=data, headers=headers)
-    resp = web.StreamResponse(status=status, headers=headers)
-    resp.content_length = len(data)
-    await resp.prepare(request)
-    if b.stall_after_headers:
-        await _pause(request, state, None)
-    if b.drop_after is not None:
-        await _send(request, state, resp, data[: min(b.drop_after, max(len(data) - 1, 0))], b.trickle)
-        _cut(request)
-        return resp
-    await _send(request, state, resp, data, b.trickle)
-    await resp.write_eof()
-    return resp
-
-
-async def _stream(
-    request: web.Request,
-    state: _State,
-    b: Behaviour,
-    headers: dict[str, str],
-    events: list[bytes],
-) -> web.StreamResponse:
-    resp = web.StreamResponse(status=200, headers=headers)
-    await resp.prepare(request)
-    if b.stall_after_headers:
-        await _pause(request, state, None)
-    await _first_event_wait(request, state, resp, b)
-    if b.chunk_delay <= 0 and b.trickle is None:
-        await resp.write(b"".join(events))
-    else:
-        for i, event in enumerate(events):
-            if i:
-                await _pause(request, state, b.chunk_delay)
-            await _send(request, state, resp, event, b.trickle)
-    if b.drop_after is not None:
-        _cut(request)
-        return resp
-    await resp.write_eof()
-    return resp
-
-
-async def _first_event_wait(request: web.Request, state: _State, resp: web.StreamResponse, b: Behaviour) -> None:
-    if b.keepalive_interval is None:
-        await _pause(request, state, b.first_event_delay)
-        return
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + b.first_event_delay
-    while (remaining := deadline - loop.time()) > 0:
-        await _pause(request, state, min(b.keepalive_interval, remaining))
-        if deadline - loop.time() > 0:
-            await _send(request, state, resp, bodies.KEEPALIVE, b.trickle)
+    return await send.whole(request, state, b, 200, headers, data)
 
 
 async def _models(request: web.Request) -> web.Response:
@@ -357,7 +232,7 @@ def _count(request: web.Request, settings: SimSettings) -> None:
 
 async def _on_shutdown(app: web.Application) -> None:
     # Stalled handlers would otherwise hold runner.cleanup() for its whole shutdown_timeout.
-    app[_STATE].stopping = True
+    app[send.STATE].stopping = True
 
 
 def create_sim_app(settings: SimSettings | None = None) -> web.Application:
@@ -365,7 +240,7 @@ def create_sim_app(settings: SimSettings | None = None) -> web.Application:
     app = web.Application()
     app[SIM_SETTINGS] = settings
     app[SIM_STATS] = SimStats()
-    app[_STATE] = _State(rng=random.Random(settings.seed))
+    app[send.STATE] = send.State(rng=random.Random(settings.seed))
     for path in ("/v1/chat/completions", apis.RESPONSES, apis.COMPLETIONS, apis.EMBEDDINGS):
         app.router.add_post(path, _chat)
     app.router.add_get("/v1/models", _models)
