@@ -18,7 +18,7 @@ from proxy.gateway.breaker import BreakerBoard
 from proxy.gateway.client_keys import ClientLimits
 from proxy.gateway.failover import Failover
 from proxy.gateway.quality import QualityGate
-from proxy.gateway.upstream import Target
+from proxy.gateway.target import Target
 from proxy.ledger import Ledger
 from proxy.ledger.budget import BudgetTracker
 from proxy.ops.metrics import Metrics, Snapshot
