@@ -17,6 +17,7 @@ class AttemptOutcome(enum.StrEnum):
     CONNECT_ERROR = "connect_error"
     HTTP_ERROR = "http_error"
     BAD_RESPONSE = "bad_response"
+    INVALID_OUTPUT = "invalid_output"  # a well-formed answer that failed the quality gate
     CANCELLED = "cancelled"
 
 
@@ -33,6 +34,20 @@ class Route(enum.StrEnum):
     PINNED = "pinned"
     ESCALATED = "escalated"
     BUDGET = "budget"
+
+
+class CheckResult(enum.StrEnum):
+    """What the quality gate said of the answer the client got (None: nothing was checked)."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+
+
+class Escalation(enum.StrEnum):
+    """Why a call escalated: the primary's breaker opened mostly on bad answers, or on errors."""
+
+    BAD_ANSWERS = "bad_answers"
+    FAILURES = "failures"
 
 
 class UsageSource(enum.StrEnum):
@@ -61,6 +76,7 @@ class AttemptRecord:
     outcome: AttemptOutcome = AttemptOutcome.OK
     error: str | None = None
     usage: Usage | None = None
+    checked: bool = False  # the answer was judged by the quality gate (ok or invalid_output)
 
     def fail(self, outcome: AttemptOutcome, error: str) -> None:
         self.outcome = outcome
@@ -85,6 +101,8 @@ class CallRecord:
     usage: Usage | None = None
     error: str | None = None
     attempts: list[AttemptRecord] = field(default_factory=list)
+    check: CheckResult | None = None
+    escalated_for: Escalation | None = None  # set with route = escalated
     # Only filled when the ledger is configured to keep text (off by default).
     request_body: bytes | None = None
     response_body: bytes | None = None
