@@ -295,12 +295,12 @@ _COPY_ROLLUPS = [
             "daily_usage",
             "tier, route, paid, calls, failures, cancelled, fallbacks, attempts, prompt_tokens, "
             "completion_tokens, cached_tokens, duration_ms, cost_nano_usd, baseline_nano_usd, cost_usd, "
-            "baseline_cost_usd",
+            "baseline_cost_usd, checked, check_failed, escalated_bad_answers",
         ),
         (
             "daily_attempts",
             "tier, attempts, failures, cancelled, prompt_tokens, completion_tokens, cached_tokens, "
-            "cost_nano_usd, cost_usd",
+            "cost_nano_usd, cost_usd, checked, invalid, invalid_cost_nano_usd, invalid_cost_usd",
         ),
         ("daily_latency", "tier, metric, bucket, count"),
     )
