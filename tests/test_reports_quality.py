@@ -32,6 +32,7 @@ from tests.support.quality import (
     quality_config,
 )
 from tests.support.records import attempt, call
+from tests.test_openapi import check
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC).timestamp()
 TODAY, YESTERDAY = NOW - 3 * 3600, NOW - 18 * 3600  # 24h at noon: yesterday's part is read raw
@@ -144,7 +145,7 @@ async def test_http_report(make_proxy: ProxyFactory, upstreams: dict[str, Upstre
         ledger.submit(r)
     resp = await client.get("/proxy/report", params={"since": "24h"})
     assert resp.status == 200
-    doc = await resp.json()
+    doc = check(resp, await resp.read(), "/proxy/report", "get")  # as proxy/openapi.yaml documents it
     assert _json_figures(doc) == _expected_json()
     # the same JSON as `proxy report --json`
     code, text = await report_text(ledger.store.location, "24h", True)
