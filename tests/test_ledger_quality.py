@@ -10,14 +10,14 @@ from typing import Any
 
 import orjson
 
-from proxy.config import Config
+from proxy.config import Config, build_config
 from proxy.ledger import Ledger, LedgerEntry, Pricer, open_db, rebuild_rollups, spill_path
 from proxy.ledger.migrations import MIGRATIONS, migrate, statements
 from proxy.ledger.report_read import build_report
 from proxy.ledger.rows import latency_bucket
 from proxy.ledger.spill import import_ledger
 from proxy.records import AttemptOutcome, CheckResult, Escalation, Route, Usage
-from tests.support.quality import BAD, CUT, quality_calls
+from tests.support.quality import BAD, CUT, TIERS, quality_calls
 from tests.support.quality import quality_config as config
 from tests.support.records import attempt, call
 
@@ -297,3 +297,23 @@ async def test_spill_lines_from_before_the_gate_still_import(tmp_path: Path) -> 
         {"id": "old", "check_result": None, "escalated_for": None},
     ]
     assert rows(db, "SELECT sum(checked) AS c, sum(escalated_bad_answers) AS e FROM daily_usage") == [{"c": 1, "e": 1}]
+
+
+async def test_a_bad_answer_is_billed_like_an_answer_at_a_flat_price(tmp_path: Path) -> None:
+    """Kimi at $0.0008 a call with no token counts: the bad answer was answered, so it costs
+    the flat price (a timeout would not); the request pays for it and for the good answer."""
+    db = tmp_path / "ledger.db"
+    tiers = {**TIERS, "kimi": {**TIERS["kimi"], "price": {"per_call_usd": "0.0008"}}}
+    cfg = build_config({"tiers": tiers}, "test", {})
+    attempts = [
+        attempt(1, "kimi", AttemptOutcome.TIMEOUT, started_at=T0),
+        attempt(2, "kimi", AttemptOutcome.INVALID_OUTPUT, started_at=T0, http_status=200, error=CUT, checked=True),
+        attempt(3, "kimi", started_at=T0, http_status=200, checked=True),
+    ]
+    await write(db, [call("k", "kimi", at=T0, attempts=attempts, check=CheckResult.PASSED)], cfg)
+    got = rows(db, "SELECT outcome, cost_nano_usd FROM attempts ORDER BY n")
+    assert [tuple(a.values()) for a in got] == [("timeout", 0), ("invalid_output", 800_000), ("ok", 800_000)]
+    assert rows(db, "SELECT cost_nano_usd FROM requests") == [{"cost_nano_usd": 1_600_000}]
+    assert rows(db, "SELECT invalid, invalid_cost_nano_usd FROM daily_attempts") == [
+        {"invalid": 1, "invalid_cost_nano_usd": 800_000}
+    ]
