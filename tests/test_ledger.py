@@ -120,6 +120,8 @@ async def test_success_row_field_by_field(tmp_path: Path) -> None:
         "error": None,
         "request_text": None,  # store_text is off by default
         "response_text": None,
+        "check_result": None,  # nothing was checked
+        "escalated_for": None,
     }
     (a,) = rows(db, "SELECT * FROM attempts")
     assert dict(a) == {
@@ -138,6 +140,7 @@ async def test_success_row_field_by_field(tmp_path: Path) -> None:
         "cached_tokens": 200,
         "cost_usd": float(cost),
         "cost_nano_usd": 1_380_000,
+        "checked": 0,
     }
     (u,) = rows(db, "SELECT * FROM daily_usage")
     assert (u["day"], u["tier"], u["route"], u["paid"], u["calls"], u["cost_nano_usd"]) == (

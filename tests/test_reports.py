@@ -66,7 +66,14 @@ async def test_nine_free_calls_and_one_paid_call(tmp_path: Path) -> None:
         0.0072,
         90.0,
     )
-    assert data["exact"] == {"cost_usd": "0.0008", "savings_usd": "0.0072"}
+    assert data["exact"] == {"cost_usd": "0.0008", "savings_usd": "0.0072", "bad_answer_cost_usd": "0"}
+    # nothing was checked: the quality figures are zeros and nulls, not made up
+    assert (data["answers_checked"], data["answers_passed_pct"], data["bad_answers"], data["escalated"]) == (
+        0,
+        None,
+        0,
+        0,
+    )
     text = render_table(report)
     assert "Paid cost: $0.000800" in text and "Estimated savings: $0.007200" in text
     assert "Free calls: 90.0%" in text
@@ -236,6 +243,13 @@ def test_report_main_exit_codes_and_json(tmp_path: Path) -> None:
         "savings_usd",
         "free_calls",
         "free_call_pct",
+        "answers_checked",
+        "answers_passed",
+        "answers_passed_pct",
+        "bad_answers",
+        "bad_answer_cost_usd",
+        "escalated",
+        "escalated_bad_answers",
         "exact",
         "tiers",
     ]
@@ -268,19 +282,21 @@ seq(x, clock) AS (
     FROM seq WHERE x < :per_day - 1)
 INSERT INTO requests (id, started_at, duration_ms, route, stream, tier, paid, status, outcome, attempts,
     ttft_ms, prompt_tokens, completion_tokens, cached_tokens, usage_source, cost_usd, baseline_cost_usd,
-    cost_nano_usd, baseline_nano_usd)
+    cost_nano_usd, baseline_nano_usd, check_result)
 SELECT printf('%03d-%05d', d, x), prefix || clock, 50 + (x * 7919) % 2000, 'default', x % 2,
        CASE x % 10 WHEN 0 THEN 'kimi' WHEN 1 THEN 'ollama' ELSE 'llama' END, x % 10 = 0, 200, 'ok',
        1 + (x % 10 = 1), CASE WHEN x % 2 = 1 THEN 20 + (x * 31) % 400 END, 1000, 200, 100, 'upstream',
        CASE WHEN x % 10 = 0 THEN 0.001065 ELSE 0 END, 0.001065,
-       CASE WHEN x % 10 = 0 THEN 1065000 ELSE 0 END, 1065000
+       CASE WHEN x % 10 = 0 THEN 1065000 ELSE 0 END, 1065000,
+       CASE WHEN x % 100 = 0 THEN 'failed' WHEN x % 4 = 0 THEN 'passed' END
 FROM days CROSS JOIN seq
 """
 _ATTEMPTS = """
 INSERT INTO attempts (request_id, n, tier, model, started_at, duration_ms, ttft_ms, http_status, outcome,
-    prompt_tokens, completion_tokens, cached_tokens, cost_usd, cost_nano_usd)
-SELECT id, 1, tier, 'm', started_at, duration_ms, ttft_ms, 200, 'ok', prompt_tokens, completion_tokens,
-    cached_tokens, cost_usd, cost_nano_usd
+    prompt_tokens, completion_tokens, cached_tokens, cost_usd, cost_nano_usd, checked)
+SELECT id, 1, tier, 'm', started_at, duration_ms, ttft_ms, 200,
+    CASE WHEN check_result = 'failed' THEN 'invalid_output' ELSE 'ok' END, prompt_tokens, completion_tokens,
+    cached_tokens, cost_usd, cost_nano_usd, check_result IS NOT NULL
 FROM requests WHERE started_at >= :lo
 """
 _COPY_DAYS = """
@@ -295,12 +311,12 @@ _COPY_ROLLUPS = [
             "daily_usage",
             "tier, route, paid, calls, failures, cancelled, fallbacks, attempts, prompt_tokens, "
             "completion_tokens, cached_tokens, duration_ms, cost_nano_usd, baseline_nano_usd, cost_usd, "
-            "baseline_cost_usd",
+            "baseline_cost_usd, checked, check_failed, escalated_bad_answers",
         ),
         (
             "daily_attempts",
             "tier, attempts, failures, cancelled, prompt_tokens, completion_tokens, cached_tokens, "
-            "cost_nano_usd, cost_usd",
+            "cost_nano_usd, cost_usd, checked, invalid, invalid_cost_nano_usd, invalid_cost_usd",
         ),
         ("daily_latency", "tier, metric, bucket, count"),
     )
@@ -365,4 +381,16 @@ async def test_report_over_a_million_rows_is_fast(tmp_path: Path) -> None:
     assert reports["24h"].requests == _PER_DAY + _PER_DAY // 2
     assert reports["30d"].requests == 30 * _PER_DAY + _PER_DAY // 2
     assert {t.tier: t.attempts for t in reports["24h"].tiers} == {"llama": 12_000, "kimi": 1_500, "ollama": 1_500}
+    # The quality figures come from the same rollups: every 4th request checked, every 100th
+    # (a Kimi one) a bad answer; 24h = today's 10,000 plus yesterday's afternoon (5,000).
+    day = reports["24h"]
+    assert (day.answers_checked, day.answers_passed, day.answers_passed_pct) == (3_750, 3_600, 96.0)
+    kimi = {t.tier: t for t in day.tiers}["kimi"]
+    assert (kimi.checked, kimi.bad_answers, kimi.bad_answer_rate) == (750, 150, 0.2)
+    assert kimi.bad_answer_cost_usd == day.bad_answer_cost_usd == Decimal("0.15975")
+    assert (everything.answers_checked, everything.answers_passed, everything.bad_answers) == (
+        250_000,
+        240_000,
+        10_000,
+    )
     assert max(timings.values()) < 0.5

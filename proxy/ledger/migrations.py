@@ -118,7 +118,25 @@ CREATE TABLE daily_latency (
 ) WITHOUT ROWID;
 """
 
-MIGRATIONS: tuple[Migration, ...] = (Migration("0001_initial", _INITIAL),)
+# The quality gate (issue 12). Rows written before it were never checked, so the defaults
+# (NULL, 0) are what a rebuild from the raw rows gives: no rollup needs recomputing.
+_QUALITY = """
+ALTER TABLE requests ADD COLUMN check_result TEXT;
+ALTER TABLE requests ADD COLUMN escalated_for TEXT;
+ALTER TABLE attempts ADD COLUMN checked INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE daily_usage ADD COLUMN checked INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE daily_usage ADD COLUMN check_failed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE daily_usage ADD COLUMN escalated_bad_answers INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE daily_attempts ADD COLUMN checked INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE daily_attempts ADD COLUMN invalid INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE daily_attempts ADD COLUMN invalid_cost_nano_usd INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE daily_attempts ADD COLUMN invalid_cost_usd REAL NOT NULL DEFAULT 0;
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration("0001_initial", _INITIAL),
+    Migration("0002_quality", _QUALITY),
+)
 
 _CREATE_TABLE = "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
 

@@ -54,12 +54,16 @@ def baseline_cost_usd(usage: Usage | None, baseline_price: Price | None) -> Deci
     return cost_usd(usage, baseline_price)
 
 
+_ANSWERED = (AttemptOutcome.OK, AttemptOutcome.INVALID_OUTPUT)
+
+
 def attempt_cost_usd(attempt: AttemptRecord, price: Price) -> Decimal:
     """A failed attempt is only charged for tokens the upstream says it used.
 
-    The flat per-call price is for answered calls: a timeout or a 5xx is not billed.
+    The flat per-call price is for answered calls: a timeout or a 5xx is not billed, a bad
+    answer (`invalid_output`: a 200 that failed the quality gate) is, like a good one.
     """
-    if attempt.outcome == AttemptOutcome.OK:
+    if attempt.outcome in _ANSWERED:
         return cost_usd(attempt.usage, price)
     if _has_tokens(attempt.usage):
         return cost_usd(attempt.usage, price)

@@ -41,7 +41,7 @@ class TierReport:
     fallbacks: int  # ... of which needed more than one attempt
     fallback_rate: float | None  # fallbacks / calls
     attempts: int  # upstream attempts sent to this tier
-    failures: int  # attempts that failed (timeout, connect, http, bad response)
+    failures: int  # attempts that failed (timeout, connect, http, bad response, bad answer)
     cancelled: int  # attempts abandoned because the client went away
     failure_rate: float | None  # failures / attempts
     latency_p50_ms: float | None  # request duration, requests this tier answered
@@ -53,6 +53,13 @@ class TierReport:
     cached_tokens: int
     cost_usd: Decimal  # cost of the requests it answered
     baseline_cost_usd: Decimal  # what the baseline paid tier would have charged for them
+    # The quality gate: answers from this tier it judged, and those that were bad.
+    checked: int  # attempts whose answer was checked
+    bad_answers: int  # ... that failed the check (outcome invalid_output)
+    bad_answer_rate: float | None  # bad_answers / checked: plan quality by tier
+    bad_answer_cost_usd: Decimal  # what the bad answers cost (they were paid for)
+    escalated: int  # requests it answered on route escalated
+    escalated_bad_answers: int  # ... because the primary's breaker opened on bad answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +76,13 @@ class Report:
     savings_usd: Decimal  # sum(baseline - cost) over requests answered by free tiers
     free_calls: int
     free_call_pct: float | None  # share of answered requests a free tier answered
+    answers_checked: int  # answers clients received that the quality gate judged
+    answers_passed: int  # ... that passed it
+    answers_passed_pct: float | None  # answers_passed / answers_checked, in percent
+    bad_answers: int  # attempts on any tier that gave a bad answer
+    bad_answer_cost_usd: Decimal  # what they cost
+    escalated: int  # requests on route escalated
+    escalated_bad_answers: int  # ... because the primary's breaker opened on bad answers
     tiers: tuple[TierReport, ...] = field(default=())
 
     def to_json(self) -> dict[str, Any]:
@@ -85,7 +99,18 @@ class Report:
             "savings_usd": _money(self.savings_usd),
             "free_calls": self.free_calls,
             "free_call_pct": self.free_call_pct,
-            "exact": {"cost_usd": str(self.cost_usd), "savings_usd": str(self.savings_usd)},
+            "answers_checked": self.answers_checked,
+            "answers_passed": self.answers_passed,
+            "answers_passed_pct": self.answers_passed_pct,
+            "bad_answers": self.bad_answers,
+            "bad_answer_cost_usd": _money(self.bad_answer_cost_usd),
+            "escalated": self.escalated,
+            "escalated_bad_answers": self.escalated_bad_answers,
+            "exact": {
+                "cost_usd": str(self.cost_usd),
+                "savings_usd": str(self.savings_usd),
+                "bad_answer_cost_usd": str(self.bad_answer_cost_usd),
+            },
             "tiers": [_tier_json(t) for t in self.tiers],
         }
 
@@ -114,5 +139,15 @@ def _tier_json(t: TierReport) -> dict[str, Any]:
         "cached_tokens": t.cached_tokens,
         "cost_usd": _money(t.cost_usd),
         "baseline_cost_usd": _money(t.baseline_cost_usd),
-        "exact": {"cost_usd": str(t.cost_usd), "baseline_cost_usd": str(t.baseline_cost_usd)},
+        "checked": t.checked,
+        "bad_answers": t.bad_answers,
+        "bad_answer_rate": t.bad_answer_rate,
+        "bad_answer_cost_usd": _money(t.bad_answer_cost_usd),
+        "escalated": t.escalated,
+        "escalated_bad_answers": t.escalated_bad_answers,
+        "exact": {
+            "cost_usd": str(t.cost_usd),
+            "baseline_cost_usd": str(t.baseline_cost_usd),
+            "bad_answer_cost_usd": str(t.bad_answer_cost_usd),
+        },
     }

@@ -11,7 +11,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,19 @@ class _ReportWindow:
 
 
 @dataclass(slots=True)
-class _RequestTotals:
+class _Sums:
+    """Integer sums, added up column by column from a query row in field order."""
+
+    def add(self, row: Sequence[Any]) -> None:
+        for f, v in zip(fields(self), row, strict=True):
+            setattr(self, f.name, getattr(self, f.name) + int(v or 0))
+
+    def merge(self, other: _Sums) -> None:
+        self.add([getattr(other, f.name) for f in fields(other)])
+
+
+@dataclass(slots=True)
+class _RequestTotals(_Sums):
     """Sums for one (tier, paid) group of requests."""
 
     calls: int = 0
@@ -60,43 +72,45 @@ class _RequestTotals:
     cached: int = 0
     cost: int = 0  # nano-dollars
     baseline: int = 0
-
-    def add(self, row: Sequence[Any]) -> None:
-        self.calls += int(row[0])
-        self.errors += int(row[1])
-        self.cancelled += int(row[2])
-        self.fallbacks += int(row[3])
-        self.prompt += int(row[4])
-        self.completion += int(row[5])
-        self.cached += int(row[6])
-        self.cost += int(row[7])
-        self.baseline += int(row[8])
+    checked: int = 0  # answers the quality gate judged
+    check_failed: int = 0
+    escalated: int = 0  # route = escalated
+    escalated_bad: int = 0  # ... for bad answers
 
 
 @dataclass(slots=True)
-class _AttemptTotals:
+class _AttemptTotals(_Sums):
     attempts: int = 0
     failures: int = 0
     cancelled: int = 0
+    checked: int = 0
+    invalid: int = 0
+    invalid_cost: int = 0  # nano-dollars
 
 
 _ROLLUP_REQUESTS = """
 SELECT tier, paid, sum(calls), sum(failures), sum(cancelled), sum(fallbacks), sum(prompt_tokens),
-       sum(completion_tokens), sum(cached_tokens), sum(cost_nano_usd), sum(baseline_nano_usd)
+       sum(completion_tokens), sum(cached_tokens), sum(cost_nano_usd), sum(baseline_nano_usd),
+       sum(checked), sum(check_failed), sum(CASE WHEN route = 'escalated' THEN calls ELSE 0 END),
+       sum(escalated_bad_answers)
 FROM daily_usage WHERE day >= :day GROUP BY tier, paid
 """
 _RAW_REQUESTS = """
 SELECT coalesce(tier, ''), coalesce(paid, 0), count(*), sum(outcome = 'error'),
        sum(outcome = 'client_cancelled'), sum(tier IS NOT NULL AND attempts > 1),
        coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), coalesce(sum(cached_tokens), 0),
-       sum(cost_nano_usd), sum(baseline_nano_usd)
+       sum(cost_nano_usd), sum(baseline_nano_usd),
+       sum(check_result IS NOT NULL), sum(check_result IS 'failed'), sum(route = 'escalated'),
+       sum(escalated_for IS 'bad_answers')
 FROM requests WHERE started_at >= :lo AND started_at < :hi GROUP BY 1, 2
 """
 _ROLLUP_ATTEMPTS = """
-SELECT tier, sum(attempts), sum(failures), sum(cancelled) FROM daily_attempts WHERE day >= :day GROUP BY tier
+SELECT tier, sum(attempts), sum(failures), sum(cancelled), sum(checked), sum(invalid), sum(invalid_cost_nano_usd)
+FROM daily_attempts WHERE day >= :day GROUP BY tier
 """
 _RAW_ATTEMPTS = """
-SELECT tier, count(*), sum(outcome NOT IN ('ok', 'cancelled')), sum(outcome = 'cancelled')
+SELECT tier, count(*), sum(outcome NOT IN ('ok', 'cancelled')), sum(outcome = 'cancelled'), sum(checked != 0),
+       sum(outcome = 'invalid_output'), coalesce(sum(CASE WHEN outcome = 'invalid_output' THEN cost_nano_usd END), 0)
 FROM attempts WHERE started_at >= :lo AND started_at < :hi GROUP BY tier
 """
 _ROLLUP_LATENCY = """
@@ -131,10 +145,7 @@ class _Reader:
     async def attempts(self) -> dict[str, _AttemptTotals]:
         sums: dict[str, _AttemptTotals] = {}
         for r in await self.rows(_ROLLUP_ATTEMPTS, _RAW_ATTEMPTS):
-            s = sums.setdefault(str(r[0]), _AttemptTotals())
-            s.attempts += int(r[1])
-            s.failures += int(r[2])
-            s.cancelled += int(r[3])
+            sums.setdefault(str(r[0]), _AttemptTotals()).add(r[1:])
         return sums
 
     async def histograms(self) -> dict[tuple[str, str], dict[int, int]]:
@@ -221,7 +232,7 @@ def _assemble(
     total = _RequestTotals()
     answered = free = savings = 0
     for (tier, paid), s in requests.items():
-        _merge(total, s)
+        total.merge(s)
         if tier != _NO_TIER:
             answered += s.calls
             if not paid:
@@ -240,13 +251,20 @@ def _assemble(
         cost_usd=from_nano(total.cost),
         savings_usd=from_nano(savings),
         free_calls=free,
-        free_call_pct=round(100.0 * free / answered, 2) if answered else None,
+        free_call_pct=_pct(free, answered),
+        answers_checked=total.checked,
+        answers_passed=total.checked - total.check_failed,
+        answers_passed_pct=_pct(total.checked - total.check_failed, total.checked),
+        bad_answers=sum(a.invalid for a in attempts.values()),
+        bad_answer_cost_usd=from_nano(sum(a.invalid_cost for a in attempts.values())),
+        escalated=total.escalated,
+        escalated_bad_answers=total.escalated_bad,
         tiers=tiers,
     )
 
 
-def _merge(into: _RequestTotals, s: _RequestTotals) -> None:
-    into.add((s.calls, s.errors, s.cancelled, s.fallbacks, s.prompt, s.completion, s.cached, s.cost, s.baseline))
+def _pct(part: int, whole: int) -> float | None:
+    return round(100.0 * part / whole, 2) if whole else None
 
 
 def _tier_reports(
@@ -258,7 +276,7 @@ def _tier_reports(
     paid: dict[str, bool] = {}
     for (tier, is_paid), s in requests.items():
         if tier != _NO_TIER:
-            _merge(by_tier.setdefault(tier, _RequestTotals()), s)
+            by_tier.setdefault(tier, _RequestTotals()).merge(s)
             paid[tier] = paid.get(tier, False) or is_paid
     names = sorted(set(by_tier) | set(attempts), key=lambda t: (-by_tier.get(t, _RequestTotals()).calls, t))
     return tuple(
@@ -294,4 +312,10 @@ def _tier_report(
         cached_tokens=s.cached,
         cost_usd=from_nano(s.cost),
         baseline_cost_usd=from_nano(s.baseline),
+        checked=a.checked,
+        bad_answers=a.invalid,
+        bad_answer_rate=_ratio(a.invalid, a.checked),
+        bad_answer_cost_usd=from_nano(a.invalid_cost),
+        escalated=s.escalated,
+        escalated_bad_answers=s.escalated_bad,
     )

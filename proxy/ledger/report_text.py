@@ -45,9 +45,12 @@ _COLUMNS = (
 )
 
 
-def _table(rows: Iterable[Sequence[str]]) -> list[str]:
-    rows = [_COLUMNS, *rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+_QUALITY_COLUMNS = ("tier", "checked", "bad", "bad %", "bad cost", "escalated", "for bad answers")
+
+
+def _table(rows: Iterable[Sequence[str]], columns: Sequence[str] = _COLUMNS) -> list[str]:
+    rows = [columns, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     return [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
         for r in rows
@@ -62,6 +65,7 @@ def render_table(report: Report) -> str:
         f"Requests: {report.requests}  answered: {report.answered}  errors: {report.errors}  "
         f"client cancelled: {report.client_cancelled}",
         f"Paid cost: {_usd(report.cost_usd)}  Estimated savings: {_usd(report.savings_usd)}  Free calls: {free}",
+        _quality_line(report),
         "",
     ]
     if not report.tiers:
@@ -84,7 +88,37 @@ def render_table(report: Report) -> str:
         )
         for t in report.tiers
     ]
-    return "\n".join([*lines, *_table(rows)])
+    return "\n".join([*lines, *_table(rows), *_quality_table(report)])
+
+
+def _quality_line(report: Report) -> str:
+    passed = "-" if report.answers_passed_pct is None else f"{report.answers_passed_pct:.1f}%"
+    return (
+        f"Checked answers: {report.answers_checked}  passed: {report.answers_passed} ({passed})  "
+        f"bad answers: {report.bad_answers} costing {_usd(report.bad_answer_cost_usd)}  "
+        f"escalated: {report.escalated} ({report.escalated_bad_answers} for bad answers)"
+    )
+
+
+def _quality_table(report: Report) -> list[str]:
+    """Plan quality by tier: what share of its checked answers was bad, and what that cost."""
+    shown = [t for t in report.tiers if t.checked or t.bad_answers or t.escalated]
+    if not shown:
+        return []
+    rows = [
+        (
+            t.tier,
+            str(t.checked),
+            str(t.bad_answers),
+            _pct(t.bad_answer_rate),
+            _usd(t.bad_answer_cost_usd),
+            str(t.escalated),
+            str(t.escalated_bad_answers),
+        )
+        for t in shown
+    ]
+    title = "Answer quality by tier (escalated: calls the tier answered after the primary's breaker opened)"
+    return ["", title, *_table(rows, _QUALITY_COLUMNS)]
 
 
 async def report_text(db: str | Path, since: str, as_json: bool, *, now: float | None = None) -> tuple[int, str]:

@@ -14,7 +14,7 @@ from proxy.ledger.pricing import (
     nano_to_float,
 )
 from proxy.ledger.rows import AttemptRow, LedgerEntry, RequestRow, latency_bucket
-from proxy.records import AttemptOutcome, Outcome
+from proxy.records import AttemptOutcome, CheckResult, Escalation, Outcome
 
 
 @dataclass(slots=True)
@@ -30,6 +30,9 @@ class _DayUsage:
     duration: float = 0.0
     cost: int = 0
     baseline: int = 0
+    checked: int = 0  # answers the client got that the quality gate judged
+    check_failed: int = 0  # ... and that failed it (every tier answered badly)
+    escalated_bad: int = 0  # escalated because the primary's breaker opened on bad answers
 
 
 @dataclass(slots=True)
@@ -41,13 +44,20 @@ class _DayAttempts:
     completion: int = 0
     cached: int = 0
     cost: int = 0
+    checked: int = 0  # answers the quality gate judged
+    invalid: int = 0  # ... that were bad (outcome invalid_output)
+    invalid_cost: int = 0  # what those cost, nano-dollars
 
 
-_UPSERT_USAGE = """
-INSERT INTO daily_usage (day, tier, route, paid, calls, failures, cancelled, fallbacks, attempts,
+_USAGE_COLUMNS = """day, tier, route, paid, calls, failures, cancelled, fallbacks, attempts,
     prompt_tokens, completion_tokens, cached_tokens, duration_ms, cost_nano_usd, baseline_nano_usd,
-    cost_usd, baseline_cost_usd)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    cost_usd, baseline_cost_usd, checked, check_failed, escalated_bad_answers"""
+_ATTEMPT_COLUMNS = """day, tier, attempts, failures, cancelled, prompt_tokens, completion_tokens,
+    cached_tokens, cost_nano_usd, cost_usd, checked, invalid, invalid_cost_nano_usd, invalid_cost_usd"""
+
+_UPSERT_USAGE = f"""
+INSERT INTO daily_usage ({_USAGE_COLUMNS})
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (day, tier, route, paid) DO UPDATE SET
     calls = calls + excluded.calls,
     failures = failures + excluded.failures,
@@ -62,13 +72,15 @@ ON CONFLICT (day, tier, route, paid) DO UPDATE SET
     baseline_nano_usd = baseline_nano_usd + excluded.baseline_nano_usd,
     -- the REAL columns are re-derived from the exact integers, so they never drift
     cost_usd = (cost_nano_usd + excluded.cost_nano_usd) / 1e9,
-    baseline_cost_usd = (baseline_nano_usd + excluded.baseline_nano_usd) / 1e9
+    baseline_cost_usd = (baseline_nano_usd + excluded.baseline_nano_usd) / 1e9,
+    checked = checked + excluded.checked,
+    check_failed = check_failed + excluded.check_failed,
+    escalated_bad_answers = escalated_bad_answers + excluded.escalated_bad_answers
 """
 
-_UPSERT_ATTEMPTS = """
-INSERT INTO daily_attempts (day, tier, attempts, failures, cancelled, prompt_tokens, completion_tokens,
-    cached_tokens, cost_nano_usd, cost_usd)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+_UPSERT_ATTEMPTS = f"""
+INSERT INTO daily_attempts ({_ATTEMPT_COLUMNS})
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (day, tier) DO UPDATE SET
     attempts = attempts + excluded.attempts,
     failures = failures + excluded.failures,
@@ -77,7 +89,11 @@ ON CONFLICT (day, tier) DO UPDATE SET
     completion_tokens = completion_tokens + excluded.completion_tokens,
     cached_tokens = cached_tokens + excluded.cached_tokens,
     cost_nano_usd = cost_nano_usd + excluded.cost_nano_usd,
-    cost_usd = (cost_nano_usd + excluded.cost_nano_usd) / 1e9
+    cost_usd = (cost_nano_usd + excluded.cost_nano_usd) / 1e9,
+    checked = checked + excluded.checked,
+    invalid = invalid + excluded.invalid,
+    invalid_cost_nano_usd = invalid_cost_nano_usd + excluded.invalid_cost_nano_usd,
+    invalid_cost_usd = (invalid_cost_nano_usd + excluded.invalid_cost_nano_usd) / 1e9
 """
 
 _UPSERT_LATENCY = """
@@ -118,6 +134,9 @@ class Rollup:
         s.duration += r.duration_ms
         s.cost += r.cost_nano_usd
         s.baseline += r.baseline_nano_usd
+        s.checked += r.check_result is not None
+        s.check_failed += r.check_result == CheckResult.FAILED.value
+        s.escalated_bad += r.escalated_for == Escalation.BAD_ANSWERS.value
         if r.tier is not None:
             self._add_latency(day, tier, "duration", r.duration_ms)
             if r.ttft_ms is not None:
@@ -139,6 +158,10 @@ class Rollup:
         s.completion += a.completion_tokens or 0
         s.cached += a.cached_tokens or 0
         s.cost += a.cost_nano_usd
+        s.checked += a.checked != 0
+        if a.outcome == AttemptOutcome.INVALID_OUTPUT.value:
+            s.invalid += 1
+            s.invalid_cost += a.cost_nano_usd
 
     def usage_params(self) -> list[tuple[Any, ...]]:
         return [
@@ -157,13 +180,30 @@ class Rollup:
                 s.baseline,
                 nano_to_float(s.cost),
                 nano_to_float(s.baseline),
+                s.checked,
+                s.check_failed,
+                s.escalated_bad,
             )
             for k, s in self.usage.items()
         ]
 
     def attempt_params(self) -> list[tuple[Any, ...]]:
         return [
-            (*k, s.attempts, s.failures, s.cancelled, s.prompt, s.completion, s.cached, s.cost, nano_to_float(s.cost))
+            (
+                *k,
+                s.attempts,
+                s.failures,
+                s.cancelled,
+                s.prompt,
+                s.completion,
+                s.cached,
+                s.cost,
+                nano_to_float(s.cost),
+                s.checked,
+                s.invalid,
+                s.invalid_cost,
+                nano_to_float(s.invalid_cost),
+            )
             for k, s in self.attempts.items()
         ]
 
@@ -171,21 +211,26 @@ class Rollup:
         return [(*k, n) for k, n in self.latency.items()]
 
 
-_REBUILD = """
+# Column for column what `Rollup` adds up; test_ledger checks that the two agree.
+_REBUILD = f"""
 DELETE FROM daily_usage;
 DELETE FROM daily_attempts;
 DELETE FROM daily_latency;
-INSERT INTO daily_usage
+INSERT INTO daily_usage ({_USAGE_COLUMNS})
 SELECT substr(started_at, 1, 10), coalesce(tier, ''), route, coalesce(paid, 0), count(*),
        sum(outcome = 'error'), sum(outcome = 'client_cancelled'), sum(tier IS NOT NULL AND attempts > 1),
        sum(attempts), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
        coalesce(sum(cached_tokens), 0), total(duration_ms), sum(cost_nano_usd), sum(baseline_nano_usd),
-       sum(cost_nano_usd) / 1e9, sum(baseline_nano_usd) / 1e9
+       sum(cost_nano_usd) / 1e9, sum(baseline_nano_usd) / 1e9,
+       sum(check_result IS NOT NULL), sum(check_result IS 'failed'), sum(escalated_for IS 'bad_answers')
 FROM requests GROUP BY 1, 2, 3, 4;
-INSERT INTO daily_attempts
+INSERT INTO daily_attempts ({_ATTEMPT_COLUMNS})
 SELECT substr(started_at, 1, 10), tier, count(*), sum(outcome NOT IN ('ok', 'cancelled')),
        sum(outcome = 'cancelled'), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
-       coalesce(sum(cached_tokens), 0), sum(cost_nano_usd), sum(cost_nano_usd) / 1e9
+       coalesce(sum(cached_tokens), 0), sum(cost_nano_usd), sum(cost_nano_usd) / 1e9,
+       sum(checked != 0), sum(outcome = 'invalid_output'),
+       coalesce(sum(CASE WHEN outcome = 'invalid_output' THEN cost_nano_usd END), 0),
+       coalesce(sum(CASE WHEN outcome = 'invalid_output' THEN cost_nano_usd END), 0) / 1e9
 FROM attempts GROUP BY 1, 2;
 INSERT INTO daily_latency
 SELECT substr(started_at, 1, 10), tier, 'duration', ledger_bucket(duration_ms), count(*)

@@ -21,7 +21,7 @@ from proxy.ledger.pricing import (
     nano_to_float,
     to_nano,
 )
-from proxy.records import AttemptRecord, CallRecord, Usage, UsageSource
+from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Usage, UsageSource
 
 log = logging.getLogger("proxy.ledger")
 
@@ -59,6 +59,10 @@ class RequestRow(NamedTuple):
     error: str | None
     request_text: str | None
     response_text: str | None
+    # Added by migration 0002 (the quality gate). Defaults, so spill and journal lines written
+    # before it still read: those calls were not checked.
+    check_result: str | None = None  # 'passed', 'failed'; None: not checked
+    escalated_for: str | None = None  # 'bad_answers', 'failures'; with route = 'escalated'
 
 
 class AttemptRow(NamedTuple):
@@ -77,6 +81,7 @@ class AttemptRow(NamedTuple):
     cached_tokens: int | None
     cost_usd: float
     cost_nano_usd: int
+    checked: int = 0  # 1: the answer was judged by the quality gate (outcome ok or invalid_output)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +102,8 @@ class LedgerEntry:
 
     @classmethod
     def from_json(cls, line: bytes) -> LedgerEntry:
-        """Raises ValueError for anything that is not a spill line this version wrote."""
+        """Raises ValueError for anything that is not a spill line of this format (columns added
+        since version 1 have defaults, so lines written before them still read)."""
         try:
             obj = orjson.loads(line)
             if obj.get("v") != SPILL_VERSION:
@@ -221,6 +227,8 @@ class Pricer:
             error=rec.error,
             request_text=_text(rec.request_body) if keep else None,
             response_text=_text(rec.response_body) if keep else None,
+            check_result=None if rec.check is None else str(rec.check),
+            escalated_for=None if rec.escalated_for is None else str(rec.escalated_for),
         )
 
 
@@ -256,4 +264,6 @@ def _attempt_row(request_id: str, a: AttemptRecord, nano: int) -> AttemptRow:
         cached_tokens=cached,
         cost_usd=nano_to_float(nano),
         cost_nano_usd=nano,
+        # A bad answer was judged by definition, whatever the request path set.
+        checked=int(a.checked or a.outcome == AttemptOutcome.INVALID_OUTPUT),
     )
