@@ -233,7 +233,7 @@ async def test_a_minor_replan_never_pays_even_when_every_free_answer_is_bad(
 
 
 async def test_consecutive_bad_answers_escalate_to_kimi(
-    make_proxy: ProxyFactory, upstreams: dict[str, Upstream]
+    make_proxy: ProxyFactory, upstreams: dict[str, Upstream], tmp_path: Path
 ) -> None:
     upstreams["llama"].always(PROSE)
     upstreams["ollama"].always(GOOD)
@@ -243,13 +243,21 @@ async def test_consecutive_bad_answers_escalate_to_kimi(
         retries={"max_fallback_retries": 1},
     )
     routes = []
-    for _ in range(5):
-        resp = await client.post("/v1/chat/completions", json=body(response_format=JSON_OBJECT))
+    last = ""
+    for i in range(5):
+        last = f"esc-{i}"
+        resp = await client.post(
+            "/v1/chat/completions", json=body(response_format=JSON_OBJECT), headers={"X-Request-Id": last}
+        )
         assert resp.status == 200 and resp.headers["X-Proxy-Check"] == "passed"
         routes.append((resp.headers["X-Proxy-Route"], resp.headers["X-Proxy-Tier"]))
     # Three bad answers from the primary (one per request) open its breaker: then Kimi first.
     assert routes == [("default", "ollama")] * 3 + [("escalated", "kimi")] * 2
     assert hits(upstreams) == {"llama": 3, "ollama": 3, "kimi": 2}
+    await attempts_of(tmp_path / "ledger.db", last)
+    with contextlib.closing(sqlite3.connect(tmp_path / "ledger.db")) as conn:
+        causes = conn.execute("SELECT route, escalated_for FROM requests ORDER BY started_at").fetchall()
+    assert causes == [("default", None)] * 3 + [("escalated", "bad_answers")] * 2
 
 
 async def test_a_held_stream_fails_over_with_no_trace_of_the_bad_one(
@@ -337,3 +345,32 @@ async def test_the_gate_can_be_turned_off(make_proxy: ProxyFactory, upstreams: d
     client = await make_proxy(quality={"json_object": False})
     resp = await client.post("/v1/chat/completions", json=body(response_format=JSON_OBJECT))
     assert resp.headers["X-Proxy-Tier"] == "llama" and "X-Proxy-Check" not in resp.headers
+
+
+async def test_the_last_bad_answer_is_billed_once_when_later_tiers_failed(
+    make_proxy: ProxyFactory, upstreams: dict[str, Upstream], tmp_path: Path
+) -> None:
+    """Kimi first (complex) answers badly, the free tiers then fail with 503s: the client gets
+    Kimi's answer, and the request costs what Kimi's one attempt cost, not twice that."""
+    upstreams["kimi"].always(PROSE)
+    for name in ("llama", "ollama"):
+        upstreams[name].always(Behaviour(status=503))
+    price = {"input_per_mtok": 1, "output_per_mtok": 2}
+    client = await make_proxy(tiers=tier_config(upstreams, kimi={"price": price}), retries={"max_fallback_retries": 1})
+    resp = await client.post(
+        "/v1/chat/completions",
+        json=body(response_format=JSON_OBJECT),
+        headers={"X-Complexity": "complex", "X-Request-Id": "kimi-bad"},
+    )
+    assert resp.status == 200 and resp.headers["X-Proxy-Tier"] == "kimi"
+    assert resp.headers["X-Proxy-Check"].startswith("failed")
+    rows = await attempts_of(tmp_path / "ledger.db", "kimi-bad")
+    assert [(r["tier"], r["outcome"]) for r in rows] == [
+        ("kimi", "invalid_output"),
+        ("llama", "http_error"),
+        ("ollama", "http_error"),
+    ]
+    with contextlib.closing(sqlite3.connect(tmp_path / "ledger.db")) as conn:
+        cost, check = conn.execute("SELECT cost_nano_usd, check_result FROM requests WHERE id = 'kimi-bad'").fetchone()
+    assert rows[0]["cost_nano_usd"] > 0 and cost == rows[0]["cost_nano_usd"]
+    assert check == "failed"

@@ -187,16 +187,17 @@ class Pricer:
     ) -> tuple[int, int]:
         """(cost, baseline) in nano-dollars.
 
-        The answer (the last attempt, on the answering tier: also a stream cut or abandoned
-        midway) is priced from the record's own usage; earlier attempts add whatever they were
-        billed, so the request row carries everything this request cost, each attempt once.
+        The answer (the answering tier's last attempt: also a stream cut or abandoned midway,
+        or the last bad answer when no tier gave a good one, which later attempts may follow)
+        is priced from the record's own usage; the other attempts add whatever they were billed,
+        so the request row carries everything this request cost, each attempt once.
         """
         if rec.tier is None:
             return sum(attempt_nanos), 0
-        answered_last = bool(attempts) and attempts[-1].tier == rec.tier
-        earlier = attempt_nanos[:-1] if answered_last else attempt_nanos
+        answer_at = next((i for i in range(len(attempts) - 1, -1, -1) if attempts[i].tier == rec.tier), None)
+        others = sum(n for i, n in enumerate(attempt_nanos) if i != answer_at)
         answer = to_nano(cost_usd(rec.usage, self.price(rec.tier)))
-        return answer + sum(earlier), to_nano(baseline_cost_usd(rec.usage, self._baseline))
+        return answer + others, to_nano(baseline_cost_usd(rec.usage, self._baseline))
 
     def _request_row(self, rec: CallRecord, n_attempts: int, cost: int, baseline: int) -> RequestRow:
         prompt, completion, cached, source = _usage_columns(rec.usage)
