@@ -16,6 +16,11 @@ AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 Money = Decimal
 
 
+# Client headers meant for OpenAI itself or the SDKs' telemetry: held back from every tier unless
+# the tier names them in `forward_headers` (`x-stainless-*`: every header of that family).
+HELD_BACK_HEADERS = ("OpenAI-Organization", "OpenAI-Project", "x-stainless-*")
+
+
 class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     pass
 
@@ -49,6 +54,8 @@ class TierSpec(Strict, frozen=True):
     ca_bundle: str | None = None
     verify_tls: bool = True
     http_proxy: str | None = None
+    # Held-back client headers this tier does get (names from HELD_BACK_HEADERS, e.g. OpenAI-Project).
+    forward_headers: list[str] = []
 
 
 class RoutingSpec(Strict, frozen=True):
@@ -87,6 +94,9 @@ class ServerSpec(Strict, frozen=True):
     # Client connections held at once; one more gets a 503 and is closed, so the descriptors left
     # stay free for upstream connections and the ledger (see the open-files limit in deploy/).
     max_connections: AtLeastOne = 10_000
+    # Browser origins (scheme://host[:port]) whose pages may call the proxy; empty: CORS off. "*"
+    # (any origin) only with auth.keys, so that a key is still what lets a page in.
+    cors: list[str] = []
 
 
 class ClientKeySpec(Strict, frozen=True):
