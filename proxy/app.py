@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config import Config
-from proxy.gateway import catalog, handler
+from proxy.gateway import catalog, cors, handler
 from proxy.gateway.auth import client_keys
 from proxy.gateway.client_io import expect, openai_errors
 from proxy.gateway.state import STATE, ProxyState
@@ -40,7 +40,11 @@ def create_app(
     that file. With `require_ledger` (`proxy serve`), a ledger that cannot be opened or whose
     spend cannot be read makes the app's startup raise LedgerUnavailable; without it the app
     serves anyway, spilling rows and counting spend from 0."""
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[openai_errors, client_keys])
+    # cors first: its preflights need no client key, and its 403s bypass the rest.
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[cors.cors, openai_errors, client_keys]
+    )
+    app.on_response_prepare.append(cors.on_prepare)  # CORS headers on every answer, streams included
     ledger_path = (db_path or config.ledger.path) if with_ledger else None
     state = app[STATE] = ProxyState.build(config, ledger_path=ledger_path, rng=rng)
     if state.ledger is not None:

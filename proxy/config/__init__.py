@@ -3,11 +3,12 @@
 - `schema.py`: the file's shapes, decoded strictly with msgspec
 - `strategic_planner.py`: the original system's block, mapped onto those shapes
 - `load.py`: reading, validating and resolving (environment variables, names, prices)
+- `origins.py`: `server.cors`'s origins, checked and normalised
 - `resolved.py`: the frozen types every other part reads
 """
 
 from proxy.config.load import ConfigError, build_config, load_config
-from proxy.config.resolved import ClientKey, Config, Price, Tier, Transport
+from proxy.config.resolved import ClientKey, Config, Cors, Price, Tier, Transport, held_back
 from proxy.config.schema import (
     AuthSpec,
     BudgetSpec,
@@ -29,6 +30,7 @@ __all__ = [
     "ClientKeySpec",
     "Config",
     "ConfigError",
+    "Cors",
     "FileSpec",
     "LedgerSpec",
     "Price",
@@ -41,5 +43,6 @@ __all__ = [
     "TierSpec",
     "Transport",
     "build_config",
+    "held_back",
     "load_config",
 ]

@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
-from proxy.config.resolved import ClientKey, Config, Price, Tier, Transport
-from proxy.config.schema import AuthSpec, FileSpec, PriceSpec, TierSpec
+from proxy.config.origins import cors_policy
+from proxy.config.resolved import ClientKey, Config, Cors, Price, Tier, Transport, held_back
+from proxy.config.schema import HELD_BACK_HEADERS, AuthSpec, FileSpec, PriceSpec, TierSpec
 from proxy.config.strategic_planner import PLANNER_KEYS, apply_planner_block
 from proxy.gateway.redact import Redactor
 from proxy.records import Api
@@ -126,6 +127,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
                 skip_reason=skip,
                 transport=_transport(source, tier_id, ts, warnings),
                 endpoints=frozenset(Api) if ts.endpoints is None else frozenset(Api(e) for e in ts.endpoints),
+                forward_headers=_forward_headers(f"{source}: tiers.{tier_id}.forward_headers", ts.forward_headers),
             )
         )
     if not tiers:
@@ -161,6 +163,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         auth_required=bool(spec.auth.keys),
         client_keys=client_keys,
         redactor=Redactor(secrets),
+        cors=_cors(source, spec),
     )
 
 
@@ -227,6 +230,27 @@ def _transport(source: str, tier_id: str, ts: TierSpec, warnings: list[str]) -> 
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{where}.http_proxy: not an http(s) URL (expected e.g. http://proxy.internal:3128)")
     return Transport(ts.ca_bundle, ts.verify_tls, ts.http_proxy)
+
+
+def _forward_headers(where: str, names: list[str]) -> tuple[str, ...]:
+    out = []
+    for name in names:
+        low = name.strip().lower()
+        if not held_back(low.rstrip("*")):
+            raise ConfigError(
+                f"{where}: {name!r} is not held back from tiers, so there is nothing to opt in to: only "
+                f"{', '.join(HELD_BACK_HEADERS)} are. Every other client header already reaches every tier, "
+                "and the proxy's own (Authorization, Cookie, X-Tier, ...) never do"
+            )
+        out.append(low)
+    return tuple(out)
+
+
+def _cors(source: str, spec: FileSpec) -> Cors:
+    try:
+        return cors_policy(spec.server.cors, keys=bool(spec.auth.keys))
+    except ValueError as e:
+        raise ConfigError(f"{source}: server.cors: {e}") from None
 
 
 def _password(url: str | None) -> str | None:

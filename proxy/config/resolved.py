@@ -6,9 +6,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from proxy.config.schema import BudgetSpec, LedgerSpec, QualitySpec, RetrySpec, RoutingSpec, ServerSpec
+from proxy.config.schema import (
+    HELD_BACK_HEADERS,
+    BudgetSpec,
+    LedgerSpec,
+    QualitySpec,
+    RetrySpec,
+    RoutingSpec,
+    ServerSpec,
+)
 from proxy.gateway.redact import Redactor
 from proxy.records import Api
+
+_HELD_NAMES = frozenset(h.lower() for h in HELD_BACK_HEADERS if not h.endswith("*"))
+_HELD_PREFIXES = tuple(h[:-1].lower() for h in HELD_BACK_HEADERS if h.endswith("*"))
+
+
+def held_back(name: str) -> bool:
+    """A client header that no tier gets unless it opts in (`name` lower-cased)."""
+    return name in _HELD_NAMES or name.startswith(_HELD_PREFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +62,12 @@ class Tier:
     stream_max: float | None = None  # cap on a stream after its first event; None: no cap
     transport: Transport = field(default_factory=Transport)
     endpoints: frozenset[Api] = frozenset(Api)
+    # Held-back headers this tier gets, lower-cased; an entry ending in "*" is a prefix.
+    forward_headers: tuple[str, ...] = ()
+
+    def forwards(self, name: str) -> bool:
+        """Whether this tier opted in to the held-back header `name` (lower-cased)."""
+        return any(name.startswith(f[:-1]) if f.endswith("*") else name == f for f in self.forward_headers)
 
     @property
     def usable(self) -> bool:
@@ -53,6 +75,21 @@ class Tier:
 
     def url(self, api: Api) -> str:
         return f"{self.base_url}/{api.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cors:
+    """Which browser origins may call (server.cors); neither: CORS is off."""
+
+    origins: frozenset[str] = frozenset()  # normalised: scheme://host[:port], as browsers send them
+    any_origin: bool = False  # "*"
+
+    @property
+    def enabled(self) -> bool:
+        return self.any_origin or bool(self.origins)
+
+    def allows(self, origin: str) -> bool:
+        return self.any_origin or origin in self.origins
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +117,7 @@ class Config:
     client_keys: tuple[ClientKey, ...] = ()
     # Every tier key and client-key secret, to be removed from what upstreams send back.
     redactor: Redactor = field(default_factory=Redactor, repr=False, compare=False)
+    cors: Cors = field(default_factory=Cors)
 
     def tier(self, tier_id: str) -> Tier:
         for t in self.tiers:

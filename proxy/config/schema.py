@@ -16,6 +16,11 @@ AtLeastOne = Annotated[int, msgspec.Meta(ge=1)]
 Money = Decimal
 
 
+# Client headers meant for OpenAI itself or the SDKs' telemetry: held back from every tier unless
+# the tier names them in `forward_headers` (`x-stainless-*`: every header of that family).
+HELD_BACK_HEADERS = ("OpenAI-Organization", "OpenAI-Project", "x-stainless-*")
+
+
 class Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     pass
 
@@ -52,6 +57,8 @@ class TierSpec(Strict, frozen=True):
     # The OpenAI endpoints the tier serves (under its base_url); a request to another endpoint
     # leaves the tier out of its chain. None: all of them.
     endpoints: list[Literal["chat/completions", "responses", "completions", "embeddings"]] | None = None
+    # Held-back client headers this tier does get (names from HELD_BACK_HEADERS, e.g. OpenAI-Project).
+    forward_headers: list[str] = []
 
 
 class RoutingSpec(Strict, frozen=True):
@@ -90,6 +97,9 @@ class ServerSpec(Strict, frozen=True):
     # Client connections held at once; one more gets a 503 and is closed, so the descriptors left
     # stay free for upstream connections and the ledger (see the open-files limit in deploy/).
     max_connections: AtLeastOne = 10_000
+    # Browser origins (scheme://host[:port]) whose pages may call the proxy; empty: CORS off. "*"
+    # (any origin) only with auth.keys, so that a key is still what lets a page in.
+    cors: list[str] = []
 
 
 class ClientKeySpec(Strict, frozen=True):

@@ -1,5 +1,13 @@
 """The client's request as each tier gets it: parsed once, serialised once per tier, with the
-tier's model and key, and only the headers that are the upstream's business."""
+tier's model and key, and only the headers that are the upstream's business.
+
+Client headers fall in three groups:
+- the proxy's own and the connection's (below): never forwarded;
+- headers meant for OpenAI or the SDKs' telemetry (`OpenAI-Organization`, `OpenAI-Project`,
+  `x-stainless-*`: config's HELD_BACK_HEADERS): only to a tier that names them in
+  `forward_headers`;
+- everything else: to every tier.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from proxy.config import Tier
+from proxy.config import Tier, held_back
 from proxy.gateway.quality import Check
 from proxy.records import Api
 
@@ -33,6 +41,10 @@ _DROP_REQUEST_HEADERS = frozenset(
         "Content-Encoding",
         "Cookie",
         "Expect",
+        # What a browser adds: who the page is (an upstream with CORS of its own, like Ollama,
+        # refuses an Origin it does not know with 403) and the Sec-* fetch metadata (below).
+        "Origin",
+        "Referer",
         "X-Replan",
         "X-Complexity",
         "X-Tier",
@@ -43,6 +55,7 @@ _DROP_REQUEST_HEADERS = frozenset(
         "X-Api-Key",
     )
 )
+_DROP_PREFIXES = ("sec-", "access-control-")
 
 
 @dataclass(slots=True)
@@ -58,6 +71,12 @@ class Outbound:
     check: Check | None = None  # what the answer must be (the quality gate); None: not checked
     api: Api = Api.CHAT
     _bodies: dict[str, bytes] = field(default_factory=dict)
+    _held: dict[str, str] = field(default_factory=dict)  # held-back headers, for tiers that opt in
+
+    def __post_init__(self) -> None:
+        held = [k for k in self.headers if held_back(k.lower())]
+        for k in held:
+            self._held[k] = self.headers.pop(k)
 
     def body_for(self, tier: Tier) -> bytes:
         """The body for `tier` (cached). Raises TypeError for what cannot be serialised, such as
@@ -74,6 +93,8 @@ class Outbound:
 
     def headers_for(self, tier: Tier) -> dict[str, str]:
         headers = dict(self.headers)
+        if self._held and tier.forward_headers:
+            headers.update((k, v) for k, v in self._held.items() if tier.forwards(k.lower()))
         headers["Content-Type"] = "application/json"
         if tier.api_key:
             headers["Authorization"] = f"Bearer {tier.api_key}"
@@ -81,4 +102,10 @@ class Outbound:
 
 
 def forwardable_headers(headers: Any) -> dict[str, str]:
-    return {k: v for k, v in headers.items() if k.lower() not in _DROP_REQUEST_HEADERS}
+    """The client's headers that may cross to a tier (the held-back ones are set aside by Outbound)."""
+    out: dict[str, str] = {}
+    for k, v in headers.items():
+        low = k.lower()
+        if low not in _DROP_REQUEST_HEADERS and not low.startswith(_DROP_PREFIXES):
+            out[k] = v
+    return out

@@ -39,6 +39,7 @@ def describe(config: Config) -> str:
         f"ledger: {config.ledger.path}",
         _quality(config),
         _server(config),
+        _cors(config),
         _clients(config),
         _budgets(config),
     ]
@@ -84,6 +85,15 @@ def _server(config: Config) -> str:
         f"{s.body_read_timeout_seconds:g}s; connections closed after {s.idle_timeout_seconds:g}s without a "
         f"request; {s.shutdown_timeout_seconds:g}s to finish on stop"
     )
+
+
+def _cors(config: Config) -> str:
+    c = config.cors
+    if not c.enabled:
+        return "cors: off (server.cors): browser pages on other origins cannot read the answers"
+    who = "any origin" if c.any_origin else ", ".join(sorted(c.origins))
+    others = "" if c.any_origin else "; other origins get 403"
+    return f"cors: pages from {who} may call{' with a client key' if config.auth_required else ''}{others}"
 
 
 def _clients(config: Config) -> str:
