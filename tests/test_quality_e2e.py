@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -20,6 +19,7 @@ import pytest
 
 from tests.support.faults import SimThread, request_id
 from tests.support.llamacpp import LlamaCppServer
+from tests.support.proc import ProxyProc
 from tests.support.quality_e2e import (
     CUT,
     GOOD,
@@ -55,11 +55,23 @@ def sims() -> Iterator[SimThread]:
         thread.close()
 
 
-@pytest.fixture
-def serve(tmp_path: Path, sims: SimThread) -> Iterator[Proxies]:
-    sims.reset()
-    with proxies(tmp_path, sims) as made:
+@pytest.fixture(scope="module")
+def started(tmp_path_factory: pytest.TempPathFactory, sims: SimThread) -> Iterator[Proxies]:
+    """The module's `proxy serve` processes: their breakers never open (escalate_after_failures is
+    1000), so the tests can share them; each test reads its own ledger rows by request id."""
+    with proxies(tmp_path_factory.mktemp("proxies"), sims) as made:
         yield made
+
+
+@pytest.fixture(scope="module")
+def proxy(started: Proxies) -> ProxyProc:
+    """In front of the simulated llama, ollama and kimi: two attempts per tier, five per request."""
+    return started.start()
+
+
+@pytest.fixture(autouse=True)
+def fresh(sims: SimThread) -> None:
+    sims.reset()
 
 
 def hits(sims: SimThread) -> dict[str, int]:
@@ -69,13 +81,12 @@ def hits(sims: SimThread) -> dict[str, int]:
 # ---------------------------------------------------------------------------- the openai SDK as the client
 
 
-def test_sdk_parse_gets_the_plan_of_the_next_tier(serve: Proxies, sims: SimThread) -> None:
+def test_sdk_parse_gets_the_plan_of_the_next_tier(proxy: ProxyProc, sims: SimThread) -> None:
     """`chat.completions.parse(response_format=Plan)`: the free tier's plan has prose around it
     (twice: retried at once on the same tier), the next tier's is good, and the SDK gets that one
     as a Plan object; the ledger has both bad attempts with the reason and the request as passed."""
     sims.sims["llama"].always(PROSE)
     sims.sims["ollama"].always(GOOD)
-    proxy = serve.start()
     rid = request_id("sdk-parse")
     raw = sdk(proxy, Seen()).chat.completions.with_raw_response.parse(
         model="auto", messages=MESSAGES, response_format=Plan, extra_headers={"X-Request-Id": rid}
@@ -101,14 +112,13 @@ def test_sdk_parse_gets_the_plan_of_the_next_tier(serve: Proxies, sims: SimThrea
 
 
 def test_sdk_stream_helper_gets_the_plan_of_the_next_tier_and_nothing_of_the_first(
-    serve: Proxies, sims: SimThread
+    proxy: ProxyProc, sims: SimThread
 ) -> None:
     """`chat.completions.stream(response_format=Plan)`: the free tier's stream is JSON cut at
     max_tokens; it is held, judged, and dropped, so every chunk the SDK sees is the next tier's and
     its final completion is a parsed Plan."""
     sims.sims["llama"].always(CUT)
     sims.sims["ollama"].always(GOOD)
-    proxy = serve.start(retries={"max_fallback_retries": 1})
     rid, seen = request_id("sdk-stream"), Seen()
     with sdk(proxy, seen).chat.completions.stream(
         model="auto", messages=MESSAGES, response_format=Plan, extra_headers={"X-Request-Id": rid}
@@ -124,23 +134,22 @@ def test_sdk_stream_helper_gets_the_plan_of_the_next_tier_and_nothing_of_the_fir
     headers = seen.last
     assert headers["content-type"].startswith("text/event-stream")
     assert (headers["x-proxy-tier"], headers["x-proxy-check"]) == ("ollama", "passed")
-    assert hits(sims) == {"llama": 1, "ollama": 1, "kimi": 0}
+    assert hits(sims) == {"llama": 2, "ollama": 1, "kimi": 0}
 
     req, atts = ledger(proxy, rid)
-    assert outcomes(atts) == [("llama", "invalid_output"), ("ollama", "ok")]
-    assert atts[0]["error"].startswith("cut at max_tokens (finish_reason: length)"), atts[0]
+    assert outcomes(atts) == [("llama", "invalid_output"), ("llama", "invalid_output"), ("ollama", "ok")]
+    assert all(a["error"].startswith("cut at max_tokens (finish_reason: length)") for a in atts[:2]), atts
     assert (req["stream"], req["tier"], req["status"], req["outcome"]) == (1, "ollama", 200, "ok")
     assert_check_recorded(req, atts, "passed")
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["parse", "stream"])
-def test_sdk_tool_helpers_get_the_valid_call_of_the_next_tier(serve: Proxies, sims: SimThread, stream: bool) -> None:
+def test_sdk_tool_helpers_get_the_valid_call_of_the_next_tier(proxy: ProxyProc, sims: SimThread, stream: bool) -> None:
     """`openai.pydantic_function_tool(Save)`, with `parse` and with `stream`: the free tier's call
     leaves out a required argument, the next tier's is whole, and the SDK gets its arguments as a
     Save object."""
     sims.sims["llama"].always(SAVE_MISSING_TEXT)
     sims.sims["ollama"].always(SAVED)
-    proxy = serve.start(retries={"max_fallback_retries": 1})
     rid, seen = request_id(f"sdk-tools-{stream}"), Seen()
     client = sdk(proxy, seen)
     tools = [openai.pydantic_function_tool(Save)]
@@ -157,23 +166,22 @@ def test_sdk_tool_helpers_get_the_valid_call_of_the_next_tier(serve: Proxies, si
     assert call is not None and len(call) == 1 and call[0].function.name == "Save"
     assert call[0].function.parsed_arguments == Save(path="notes.txt", text="ship it")
     assert (seen.last["x-proxy-tier"], seen.last["x-proxy-check"]) == ("ollama", "passed")
-    assert hits(sims) == {"llama": 1, "ollama": 1, "kimi": 0}
+    assert hits(sims) == {"llama": 2, "ollama": 1, "kimi": 0}
     offered = sims.sims["llama"].stats.requests[-1].json["tools"][0]["function"]
     assert offered["name"] == "Save" and offered["strict"] is True
 
     req, atts = ledger(proxy, rid)
-    assert outcomes(atts) == [("llama", "invalid_output"), ("ollama", "ok")]
+    assert outcomes(atts) == [("llama", "invalid_output"), ("llama", "invalid_output"), ("ollama", "ok")]
     assert atts[0]["error"] == "tool 'Save': \"text\" is a required property", atts[0]
     assert_check_recorded(req, atts, "passed")
 
 
-def test_sdk_gets_the_last_bad_answer_unchanged_when_every_tier_is_bad(serve: Proxies, sims: SimThread) -> None:
+def test_sdk_gets_the_last_bad_answer_unchanged_when_every_tier_is_bad(proxy: ProxyProc, sims: SimThread) -> None:
     """Every tier, the paid one too, cuts its plan at max_tokens: the client gets the last answer
     as it came (the SDK's own parse then raises LengthFinishReasonError, as it would without the
     proxy), the header says why it failed, and the paid bad answer is in the ledger at its cost."""
     for name in ("llama", "ollama", "kimi"):
         sims.sims[name].always(CUT)
-    proxy = serve.start()
     rid = request_id("sdk-all-bad")
     raw = sdk(proxy, Seen()).chat.completions.with_raw_response.parse(
         model="auto", messages=MESSAGES, response_format=Plan, extra_headers={"X-Request-Id": rid}
@@ -221,9 +229,16 @@ def post(url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, 
         return resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read()
 
 
+@pytest.fixture(scope="module")
+def tiny_proxy(started: Proxies, tiny_relay: Relay) -> ProxyProc:
+    """llama is the real llama.cpp server (tiny model); ollama and kimi are simulated."""
+    llama = {"base_url": tiny_relay.url, "timeout_seconds": 4.0, "stream_idle_timeout_seconds": 4.0}
+    return started.start(tiers={"llama": llama}, quality={"cut_or_empty": False})
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_llamacpp_text_fails_the_json_check_and_the_next_tier_answers(
-    serve: Proxies, sims: SimThread, tiny_relay: Relay, stream: bool
+    tiny_proxy: ProxyProc, sims: SimThread, tiny_relay: Relay, stream: bool
 ) -> None:
     """The real llama.cpp server as the free tier, asked (X-Proxy-Check: json) for JSON by a plain
     prompt: its text is not JSON, it is asked again, then the simulated next tier answers, and the
@@ -232,8 +247,7 @@ def test_llamacpp_text_fails_the_json_check_and_the_next_tier_answers(
     (The header, not response_format: llama.cpp enforces json_object and json_schema with a grammar;
     on the tiny model's vocabulary the grammar cannot even be built, and llama.cpp answers 400.)"""
     sims.sims["ollama"].always(GOOD)
-    llama = {"base_url": tiny_relay.url, "timeout_seconds": 4.0, "stream_idle_timeout_seconds": 4.0}
-    proxy = serve.start(tiers={"llama": llama}, quality={"cut_or_empty": False})
+    proxy = tiny_proxy
     rid = request_id(f"tiny-{stream}")
     body = {"model": "auto", "messages": MESSAGES, "stream": stream, **TINY_ASK}
     before = tiny_relay.hits

