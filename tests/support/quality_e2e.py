@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import openai
 import orjson
 from pydantic import BaseModel, Field
@@ -111,8 +110,9 @@ class Seen:
         assert self.responses, "the client got no response"
         return self.responses[-1][1]
 
-    def hook(self) -> Callable[[httpx2.Response], None]:
-        def record(response: httpx2.Response) -> None:
+    def hook(self) -> Callable[[Any], None]:
+        # The response is the SDK's HTTP library's (httpx2 in openai 3.x): only status and headers are read.
+        def record(response: Any) -> None:
             self.responses.append((response.status_code, {k.lower(): v for k, v in response.headers.items()}))
 
         return record
