@@ -37,7 +37,12 @@ _RELAY = web.AppKey("relay", Relay)
 
 async def start_relay(target: str) -> Relay:
     relay = Relay(target.rstrip("/"))
-    relay._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+    # A connection per request: llama.cpp's HTTP server closes kept-alive connections on its own,
+    # and a request sent on one it is closing fails (ServerDisconnectedError) in the relay, not in
+    # the proxy under test.
+    relay._session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(force_close=True), timeout=aiohttp.ClientTimeout(total=60)
+    )
     app = web.Application()
     app[_RELAY] = relay
     app.router.add_route("*", "/v1/{tail:.*}", _forward)
