@@ -225,8 +225,7 @@ def test_three_bad_plans_in_a_row_from_smollm2_escalate_to_kimi(
     for rid in rids[3:]:
         req, atts = ledger(proxy, rid)
         assert outcomes(atts) == [("kimi", "ok")] and req["route"] == "escalated"
-        if "escalated_for" in req:  # with the ledger's quality migration
-            assert req["escalated_for"] == "bad_answers", req
+        assert req["escalated_for"] == "bad_answers", req
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])

@@ -149,13 +149,10 @@ def ledger(proc: ProxyProc, rid: str) -> tuple[dict[str, Any], list[dict[str, An
 
 
 def assert_check_recorded(req: Mapping[str, Any], atts: list[dict[str, Any]], result: str | None) -> None:
-    """What the ledger says the gate found. The columns come with the ledger's quality migration
-    (requests.check_result, attempts.checked); rows written before it have none."""
-    if "check_result" in req:
-        assert req["check_result"] == result, req
-    if atts and "checked" in atts[0]:
-        judged = [a["outcome"] in ("ok", "invalid_output") for a in atts] if result is not None else [False] * len(atts)
-        assert [bool(a["checked"]) for a in atts] == judged, atts
+    """What the ledger says the gate found (requests.check_result, attempts.checked)."""
+    assert req["check_result"] == result, req
+    judged = [a["outcome"] in ("ok", "invalid_output") for a in atts] if result is not None else [False] * len(atts)
+    assert [bool(a["checked"]) for a in atts] == judged, atts
 
 
 def outcomes(atts: list[dict[str, Any]]) -> list[tuple[str, str]]:
