@@ -133,8 +133,10 @@ def describe_names(names: ModelNames, tiers: Sequence[TierNames]) -> list[str]:
     shared = [t for t in tiers if t.usable and names.upstream.get(t.model) not in (None, t.id)]
     for t in shared:
         lines.append(f"  ({t.model} is also tier {t.id}'s upstream id: it names {names.upstream[t.model]})")
-    if names.unusable:
-        lines.append(f"  {', '.join(sorted(names.unusable))}: tiers not usable, 503 tier_unavailable")
+    for t in tiers:
+        if not t.usable:
+            shown = ", ".join(n for n, tid in names.unusable.items() if tid == t.id)
+            lines.append(f"  {shown}: tier {t.id} is not usable: 503 tier_unavailable")
     if names.unknown == "auto":
         lines.append("  any other name: routed as auto (routing.unknown_model: auto)")
     else:
