@@ -313,3 +313,22 @@ async def test_breaker_wait_reports_the_cooldown_left() -> None:
     clock.now = llama.opened_at + COOLDOWN
     assert llama.wait(clock()) is None  # half-open, no probe out: a request may try it
     assert fo.breakers.wait("ollama", clock()) is None  # never used
+
+
+async def test_a_tier_open_on_bad_answers_is_still_asked_when_every_tier_is_open() -> None:
+    """Breakers opened on bad answers say the tier is up and answers, badly: when nothing better
+    is left it is still asked (its answer judged as usual), where one open on failures is not."""
+    clock = Clock()
+    fo = failover(clock, threshold=2)
+    await fo.run(plan(fo, clock), Send(clock, llama=[BAD, BAD], ollama=[E500, E500], kimi=[BAD]))
+    await fo.run(plan(fo, clock, complexity="complex"), Send(clock, kimi=[BAD], llama=[], ollama=[]))
+    assert states(fo, clock) == {"llama": "open", "ollama": "open", "kimi": "open"}
+    assert (
+        fo.breakers.get("llama").opened_for is not None and fo.breakers.get("llama").opened_for.value == "bad_answers"
+    )
+    assert fo.breakers.get("ollama").opened_for is not None and fo.breakers.get("ollama").opened_for.value == "failures"
+    send = Send(clock, llama=[OK], kimi=[BAD])
+    result = await fo.run(plan(fo, clock), send)
+    assert send.calls == ["kimi", "llama"], "ollama (open on failures) was called"
+    assert result.tier is not None and result.tier.id == "llama"
+    assert states(fo, clock)["llama"] == "open", "a last-resort success is not the probe"

@@ -12,7 +12,8 @@ walk finds an outage, and until the cooldowns end requests are answered 503 at o
 walking the chain again.
 
 Which results count. Every attempt starts with `acquire()`, which says no while the breaker is
-open or its probe is out, and hands the `Ticket` it got back with its result. The
+open or its probe is out (unless, as a last resort, it opened on bad answers: that tier is up),
+and hands the `Ticket` it got back with its result. The
 breaker's life is a series of periods, numbered by `epoch`: a closed period, an open period
 (cooldown, then half-open probes), a closed period again, and so on. A ticket belongs to the
 period it was issued in, and its result counts only in that period:
@@ -25,7 +26,8 @@ period it was issued in, and its result counts only in that period:
 - Anything else is stale and ignored: an attempt that started before the breaker opened and
   finishes after it (its success must not close a breaker that opened meanwhile, its failure
   must not push the end of the cooldown out, which a stream of slow failures would do forever),
-  and an attempt of an earlier closed period finishing after a recovery.
+  an attempt of an earlier closed period finishing after a recovery, and last-resort attempts
+  (they are not the probe, so they say nothing about whether the cooldown may end early).
 
 So the cooldown always runs its full length from the failure that opened the breaker (or from
 the failed probe), and only a probe admitted after it can close the breaker.
@@ -79,16 +81,20 @@ class Breaker:
         state = self.state(now)
         return state is BreakerState.OPEN or (state is BreakerState.HALF_OPEN and self.probing)
 
-    def acquire(self, now: float) -> Ticket | None:
+    def acquire(self, now: float, *, last_resort: bool = False) -> Ticket | None:
         """Ask to send one attempt: None when it must not be sent (open, or another probe in
-        flight); in half-open state the ticket is the probe's."""
+        flight); in half-open state the ticket is the probe's. `last_resort` (every tier of the
+        chain is open): a breaker opened mostly on bad answers lets it through anyway, since
+        its tier is up and its answer is judged as usual; that result does not count."""
         state = self.state(now)
         if state is BreakerState.CLOSED:
             return Ticket(self.epoch)
-        if state is BreakerState.OPEN or self.probing:
-            return None
-        self.probing = True
-        return Ticket(self.epoch, probe=True)
+        if state is BreakerState.HALF_OPEN and not self.probing:
+            self.probing = True
+            return Ticket(self.epoch, probe=True)
+        if last_resort and self.opened_for is Escalation.BAD_ANSWERS:
+            return Ticket(self.epoch)
+        return None
 
     def wait(self, now: float) -> float | None:
         """Seconds until a new request may try this tier (for Retry-After): None when it may

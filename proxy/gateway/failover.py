@@ -120,7 +120,7 @@ class Failover:
                 return True
             if tries and len(result.attempts) >= self.retries.max_total_retries:
                 return False
-            ticket = breaker.acquire(self.clock())
+            ticket = breaker.acquire(self.clock(), last_resort=plan.all_open)
             if ticket is None:  # open, or its half-open probe is out
                 return False
             n = len(result.attempts) + 1

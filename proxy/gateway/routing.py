@@ -38,7 +38,7 @@ class Plan:
     chain: tuple[Tier, ...]  # what the failover loop walks, in order
     route: Route
     # Every tier's breaker was open: the failover loop sends only what a breaker lets through
-    # (a half-open probe), and answers 503 all_tiers_open at once when none does.
+    # (a half-open probe; a tier open on bad answers, which is up), else answers 503 at once.
     all_open: bool = False
 
     @property
