@@ -9,11 +9,10 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import orjson
 import pytest
 
 from proxy.config import RetrySpec, Tier, build_config
-from proxy.errors import RETRY_ADVICE, ChainFailed, RateLimited, Unavailable, error_response
+from proxy.errors import ChainFailed, Unavailable
 from proxy.gateway.breaker import BreakerBoard, BreakerState
 from proxy.gateway.failover import Failover
 from proxy.gateway.routing import RouteHints, make_plan
@@ -269,37 +268,6 @@ async def test_free_tiers_keep_their_retries() -> None:
     send = Send(clock, llama=[E500, OK])
     result = await fo.run(plan(fo, clock), send)
     assert send.calls == ["llama", "llama"] and result.tier is not None and result.tier.id == "llama"
-
-
-# ------------------------------------------------------------------ x-should-retry
-
-
-def _advice(err: ChainFailed | Unavailable | RateLimited) -> str | None:
-    resp = error_response(err)
-    assert resp.body is not None
-    assert set(orjson.loads(resp.body)["error"]) == {"message", "type", "param", "code"}
-    return resp.headers.get("x-should-retry")
-
-
-def test_the_proxy_s_own_errors_tell_sdks_whether_to_retry() -> None:
-    # An exhausted chain, every breaker open, money and configuration: no automatic retry.
-    for err in (
-        ChainFailed("x", status=502, code="upstream_failed"),
-        ChainFailed("x", status=504, code="upstream_timeout"),
-        ChainFailed("x", status=504, code="deadline_exceeded"),
-        ChainFailed("x", status=429, code="upstream_rate_limited", headers={"Retry-After": "7"}),
-        Unavailable("x", code="all_tiers_open", headers={"Retry-After": "30"}),
-        Unavailable("x", code="no_tier_available"),
-        Unavailable("x", code="tier_unavailable"),
-        RateLimited("x", code="budget_exhausted", headers={"Retry-After": "3600"}),
-        RateLimited("x", code="daily_budget_exhausted", headers={"Retry-After": "3600"}),
-    ):
-        assert _advice(err) == "false", err.code
-    # A client key's per-minute limit: waiting Retry-After is all it takes, and costs no upstream call.
-    assert _advice(RateLimited("x", code="rate_limit_exceeded", headers={"Retry-After": "2"})) == "true"
-    # Anything else: no advice, the client's own rules.
-    assert _advice(Unavailable("x", code="ledger_unavailable")) is None
-    assert set(RETRY_ADVICE) >= {"upstream_failed", "all_tiers_open", "budget_exhausted", "rate_limit_exceeded"}
 
 
 async def test_breaker_wait_reports_the_cooldown_left() -> None:

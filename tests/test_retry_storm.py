@@ -19,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
+from proxy.errors import RETRY_ADVICE, ChainFailed, RateLimited, Unavailable, error_response
+from proxy.gateway.state import STATE
 from proxy.sim import Behaviour
+from tests.conftest import ProxyFactory, Upstream, tier_config
 from tests.support.faults import KIMI_ENV, MSG, SimThread, proxy_config, wait_count
 from tests.support.proc import ProxyProc
 
@@ -223,3 +227,64 @@ def test_escalated_calls_retry_the_paid_tier_when_it_asks(start: Start, sims: Si
         got = call(client)
         assert (got.status, got.tier) == (200, "kimi")
         assert delta(sims, before) == {"llama": 0, "ollama": 0, "kimi": 2}
+
+
+# ---------------------------------------------------------------------------- what the proxy tells SDKs
+
+
+def _advice(err: ChainFailed | Unavailable | RateLimited) -> str | None:
+    resp = error_response(err)
+    assert resp.body is not None
+    assert set(orjson.loads(resp.body)["error"]) == {"message", "type", "param", "code"}
+    return resp.headers.get("x-should-retry")
+
+
+def test_the_proxy_s_own_errors_tell_sdks_whether_to_retry() -> None:
+    # An exhausted chain, every breaker open, money and configuration: no automatic retry.
+    for err in (
+        ChainFailed("x", status=502, code="upstream_failed"),
+        ChainFailed("x", status=504, code="upstream_timeout"),
+        ChainFailed("x", status=504, code="deadline_exceeded"),
+        ChainFailed("x", status=429, code="upstream_rate_limited", headers={"Retry-After": "7"}),
+        Unavailable("x", code="all_tiers_open", headers={"Retry-After": "30"}),
+        Unavailable("x", code="no_tier_available"),
+        Unavailable("x", code="tier_unavailable"),
+        RateLimited("x", code="budget_exhausted", headers={"Retry-After": "3600"}),
+        RateLimited("x", code="daily_budget_exhausted", headers={"Retry-After": "3600"}),
+    ):
+        assert _advice(err) == "false", err.code
+    # A client key's per-minute limit: waiting Retry-After is all it takes, and costs no upstream call.
+    assert _advice(RateLimited("x", code="rate_limit_exceeded", headers={"Retry-After": "2"})) == "true"
+    # Anything else: no advice, the client's own rules.
+    assert _advice(Unavailable("x", code="ledger_unavailable")) is None
+    assert set(RETRY_ADVICE) >= {"upstream_failed", "all_tiers_open", "budget_exhausted", "rate_limit_exceeded"}
+
+
+async def test_the_app_s_own_429s_carry_the_advice(make_proxy: ProxyFactory, upstreams: dict[str, Upstream]) -> None:
+    """Through the app: a client key's per-minute limit (retry after Retry-After), its daily cap
+    and the spend budget (no retry before the window resets)."""
+    upstreams["kimi"].always(Behaviour(no_usage=True))
+    auth = {
+        "keys": [
+            {"name": "a", "secret_env": "KEY_A", "requests_per_minute": 1, "daily_usd": 0.0001},
+            {"name": "b", "secret_env": "KEY_B"},
+        ]
+    }
+    tiers = tier_config(upstreams, kimi={"price": {"per_call_usd": 0.001}})
+    env = {"KEY_A": "secret-a", "KEY_B": "secret-b"}
+    client = await make_proxy(tiers=tiers, auth=auth, env=env, budgets={"daily_usd": 0.001})
+    body = {"model": "auto", "messages": MSG}
+    paid = {"Authorization": "Bearer secret-a", "X-Tier": "kimi", "X-Fallback": "off"}
+    first = await client.post("/v1/chat/completions", json=body, headers=paid)
+    assert first.status == 200  # $0.001: the key's cap and the budget are both spent
+    limited = await client.post("/v1/chat/completions", json=body, headers=paid)
+    assert limited.status == 429 and (await limited.json())["error"]["code"] == "rate_limit_exceeded"
+    assert limited.headers["x-should-retry"] == "true" and int(limited.headers["Retry-After"]) <= 60
+    client.app[STATE].limits.buckets.clear()  # the next minute
+    capped = await client.post("/v1/chat/completions", json=body, headers=paid)
+    assert capped.status == 429 and (await capped.json())["error"]["code"] == "daily_budget_exhausted"
+    assert capped.headers["x-should-retry"] == "false"
+    other = {"Authorization": "Bearer secret-b", "X-Tier": "kimi"}
+    budget = await client.post("/v1/chat/completions", json=body, headers=other)
+    assert budget.status == 429 and (await budget.json())["error"]["code"] == "budget_exhausted"
+    assert budget.headers["x-should-retry"] == "false"
