@@ -9,8 +9,13 @@ ProxyError                      an error the proxy answers with, in OpenAI's for
 ├── PayloadTooLarge     413
 ├── ExpectationFailed   417     an Expect header other than 100-continue
 ├── RateLimited         429     client limits and budgets (always with Retry-After)
-├── Unavailable         503     no tier can take this request
+├── Unavailable         503     no tier can take this request (every breaker open: with Retry-After)
 └── ChainFailed         502/504 every attempt failed; the message lists each attempt
+                        (429 when every tier was rate limiting: with the upstreams' Retry-After)
+
+Whether a client should retry is said by `x-should-retry` (RETRY_ADVICE, by error code): the
+OpenAI SDKs obey it before their own rules, so a chain the proxy already walked is not walked
+again by the SDK's default retries.
 """
 
 from __future__ import annotations
@@ -93,12 +98,36 @@ class ChainFailed(ProxyError):
         self.status = status
 
 
+# x-should-retry per error code; codes not listed send no advice (the client's own rules apply).
+RETRY_ADVICE: Mapping[str, bool] = {
+    # The proxy already retried and failed over: a client retry would only walk the chain again.
+    "upstream_failed": False,
+    "upstream_timeout": False,
+    "upstream_rate_limited": False,
+    "deadline_exceeded": False,
+    # Every breaker is open: nothing will be tried before Retry-After.
+    "all_tiers_open": False,
+    # Configuration or money: no retry helps before an operator acts or the window resets.
+    "no_tier_available": False,
+    "tier_unavailable": False,
+    "budget_exhausted": False,
+    "daily_budget_exhausted": False,
+    # A client key's requests_per_minute: after Retry-After (under a minute) the call goes through,
+    # and the refused one cost no upstream call.
+    "rate_limit_exceeded": True,
+}
+SHOULD_RETRY = "x-should-retry"
+
+
 def error_json(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
 def error_response(err: ProxyError, extra_headers: Mapping[str, str] | None = None) -> web.Response:
     headers = {**err.headers, **(extra_headers or {})}
+    advice = RETRY_ADVICE.get(err.code or "")
+    if advice is not None:
+        headers.setdefault(SHOULD_RETRY, "true" if advice else "false")
     return web.Response(
         status=err.status,
         body=error_json(err.message, err.type, err.code, err.param),

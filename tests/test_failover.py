@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 from collections import deque
 from collections.abc import Iterable
@@ -248,22 +249,26 @@ async def test_failed_probe_reopens_for_a_full_cooldown_and_late_results_of_old_
     assert breaker.state(clock()) is BreakerState.CLOSED and breaker.failures == 0
 
 
-async def test_only_the_probe_counts_when_every_breaker_is_open() -> None:
+async def test_when_every_breaker_is_open_nothing_is_sent_until_the_probes() -> None:
     clock = Clock()
     fo = failover(clock, threshold=1, max_fallback_retries=1)
-    send = Gated(clock, llama=[G_500, G_OK, G_OK], ollama=[G_500], kimi=[G_500, G_500])
+    send = Gated(clock, llama=[G_500, G_OK], ollama=[G_500], kimi=[G_500])
     await fo.run(plan(), send)
     assert fo.breakers.blocked(clock()) == {"llama", "ollama", "kimi"}
+    opened = clock()
+    sent = len(send.calls)
     clock.now = 1.0
-    forced = make_plan(CONFIG, RouteHints(), fo.breakers.blocked(clock()))
-    assert forced.forced
-    result = await fo.run(forced, send)  # tried anyway: kimi fails, llama succeeds; neither is a probe
-    assert [t.id for t in forced.chain] == ["kimi", "llama", "ollama"]
-    assert result.tier is not None and result.tier.id == "llama"
-    assert fo.breakers.get("llama").state(clock()) is BreakerState.OPEN
-    clock.now = 10.0
-    assert fo.breakers.get("kimi").state(clock()) is BreakerState.HALF_OPEN, "kimi's cooldown was extended"
-    await fo.run(make_plan(CONFIG, RouteHints(), fo.breakers.blocked(clock())), send)
+    all_open = make_plan(CONFIG, RouteHints(), fo.breakers.blocked(clock()))
+    assert all_open.all_open and [t.id for t in all_open.chain] == ["kimi", "llama", "ollama"]
+    result = await fo.run(all_open, send)
+    assert len(send.calls) == sent and not result.attempts, "a tier whose breaker is open was called"
+    assert result.error is not None and (result.error.status, result.error.code) == (503, "all_tiers_open")
+    # The real wait: until the earliest breaker half-opens (10 s cooldown from `opened`), not 1.
+    assert result.error.headers == {"Retry-After": str(math.ceil(opened + 10.0 - 1.0))}
+    clock.now = 10.0 + opened
+    assert fo.breakers.get("kimi").state(clock()) is BreakerState.HALF_OPEN
+    result = await fo.run(make_plan(CONFIG, RouteHints(), fo.breakers.blocked(clock())), send)
+    assert result.tier is not None and result.tier.id == "llama"  # the probe, which closes it
     assert fo.breakers.get("llama").state(clock()) is BreakerState.CLOSED
 
 

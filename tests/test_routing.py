@@ -70,9 +70,10 @@ def test_escalation_when_primary_breaker_open() -> None:
     assert chain(c, RouteHints(replan="minor"), blocked=frozenset({"llama"})) == (("ollama",), "minor_replan")
 
 
-def test_all_open_is_forced_through_the_full_chain() -> None:
+def test_all_open_keeps_the_full_chain_for_the_probes() -> None:
     plan = make_plan(config(), RouteHints(replan="minor"), frozenset({"llama", "ollama"}))
-    assert plan.forced and plan.tier_ids == ("llama", "ollama")
+    assert plan.all_open and plan.tier_ids == ("llama", "ollama")
+    assert not make_plan(config(), RouteHints(), frozenset({"llama"})).all_open
 
 
 def test_budget_exhausted_drops_paid_tiers() -> None:

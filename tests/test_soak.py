@@ -189,7 +189,7 @@ async def test_soak_with_random_faults(tmp_path: Path, observe: Observation) -> 
             {},
             tmp_path / "ledger.db",
             tiers=tiers,
-            routing={"escalate_after_failures": 3, "breaker_cooldown_seconds": 0.5},
+            routing={"escalate_after_failures": 3, "breaker_cooldown_seconds": 0.5, "open_breakers_on_outage": True},
             retries={"backoff_initial_seconds": 0.02, "backoff_max_seconds": 0.1, "request_deadline_seconds": DEADLINE},
             server={"shutdown_timeout_seconds": 10},
         )

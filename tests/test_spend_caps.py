@@ -127,8 +127,9 @@ async def test_reloads_in_the_middle_of_a_burst_keep_the_cap(
 async def test_a_failed_paid_attempt_gives_its_hold_back(
     make_proxy: ProxyFactory, upstreams: dict[str, Upstream]
 ) -> None:
-    # Budget for one call: a 500 from the paid tier costs nothing, so the retry may still go.
-    upstreams["kimi"].script(Behaviour(status=500))
+    # Budget for one call: a 503 from the paid tier costs nothing, so the retry it asks for
+    # (Retry-After: a paid tier is retried only then) may still go.
+    upstreams["kimi"].script(Behaviour(status=503, retry_after="0.01"))
     upstreams["kimi"].always(Behaviour(no_usage=True))
     client = await make_proxy(tiers=tier_config(upstreams, kimi=FLAT), budgets={"daily_usd": 0.001})
     resp = await client.post("/v1/chat/completions", json=MSG, headers=COMPLEX)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import msgspec
 import yaml
 
+from proxy.config.names import BadModelName, TierNames, mapped_to_unusable, resolve_names
 from proxy.config.origins import cors_policy
 from proxy.config.resolved import ClientKey, Config, Cors, Price, Tier, Transport, held_back
 from proxy.config.schema import HELD_BACK_HEADERS, AuthSpec, FileSpec, PriceSpec, TierSpec
@@ -147,6 +148,11 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         raise ConfigError(f"{source}: retries.backoff_max_seconds is below retries.backoff_initial_seconds")
     if not any(t.usable for t in tiers):
         warnings.append("no tier is usable: every request will fail until one is configured")
+    try:
+        names = resolve_names(spec.routing, [TierNames(t.id, t.aliases, t.model, t.usable) for t in tiers])
+    except BadModelName as e:
+        raise ConfigError(f"{source}: {e}") from None
+    warnings += mapped_to_unusable(names, {t.id for t in tiers if t.usable})
     secrets = [t.api_key for t in tiers] + [_password(t.transport.http_proxy) for t in tiers]
     client_keys = _client_keys(source, spec.auth, env, warnings, secrets)
     return Config(
@@ -159,7 +165,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         quality=spec.quality,
         tiers=tuple(tiers),
         warnings=tuple(warnings),
-        pin_names={name: t.id for t in tiers if t.usable for name in (t.id, *t.aliases)},
+        names=names,
         auth_required=bool(spec.auth.keys),
         client_keys=client_keys,
         redactor=Redactor(secrets),

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from proxy.config.names import ModelNames
 from proxy.config.schema import (
     HELD_BACK_HEADERS,
     BudgetSpec,
@@ -111,7 +112,7 @@ class Config:
     quality: QualitySpec
     tiers: tuple[Tier, ...]  # every configured tier in config order, usable or not
     warnings: tuple[str, ...] = ()
-    pin_names: Mapping[str, str] = field(default_factory=dict)
+    names: ModelNames = field(default_factory=ModelNames)  # what each `model` name means (names.py)
     # Client keys: with `auth_required` every /v1 and /proxy request needs one of `client_keys`.
     auth_required: bool = False
     client_keys: tuple[ClientKey, ...] = ()
@@ -130,9 +131,10 @@ class Config:
         return tuple(t for t in self.tiers if t.usable)
 
     def model_names(self) -> Mapping[str, str]:
-        """Every name a client may put in `model` that pins a usable tier -> the tier id."""
-        return self.pin_names
+        """Every name of a usable tier (id, alias, upstream model id) -> the tier id: what pins
+        it as `model` or X-Tier. `names.mapped` has the names routing.models adds."""
+        return self.names.tier_names()
 
     @property
     def auto_model_names(self) -> frozenset[str]:
-        return frozenset({"auto", self.routing.default_model})
+        return self.names.auto

@@ -68,11 +68,22 @@ class RoutingSpec(Strict, frozen=True):
     escalate_after_failures: AtLeastOne = 3
     breaker_cooldown_seconds: Positive = 30.0
     recovery_threshold: AtLeastOne = 1
+    # A request that tried two tiers or more and saw each fail (not just rate limit) opens their
+    # breakers at once: one chain walk finds an outage; then 503 at once until the probes.
+    open_breakers_on_outage: bool = True
+    # Model names besides the tiers' ids, aliases and upstream model ids (config/names.py):
+    # a client's name -> "auto" or a tier (id, alias or upstream model id).
+    models: dict[str, str] = {}
+    # A `model` that is none of these: "refuse" (404 model_not_found, catching typos) or "auto".
+    unknown_model: Literal["refuse", "auto"] = "refuse"
 
 
 class RetrySpec(Strict, frozen=True):
     max_fallback_retries: AtLeastOne = 2  # attempts per tier
     max_total_retries: AtLeastOne = 5  # attempts per request
+    # A paid tier gets one attempt per request; "when_asked": a second only when it answered
+    # 429/503 with a Retry-After that fits the deadline; "always": retried like a free tier.
+    paid_retries: Literal["when_asked", "always"] = "when_asked"
     backoff_initial_seconds: Positive = 0.1
     backoff_max_seconds: Positive = 2.0
     request_deadline_seconds: Positive = 120.0

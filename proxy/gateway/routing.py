@@ -37,7 +37,9 @@ class RouteHints:
 class Plan:
     chain: tuple[Tier, ...]  # what the failover loop walks, in order
     route: Route
-    forced: bool = False  # every tier's breaker was open: try them anyway
+    # Every tier's breaker was open: the failover loop sends only what a breaker lets through
+    # (a half-open probe; a tier open on bad answers, which is up), else answers 503 at once.
+    all_open: bool = False
 
     @property
     def tier_ids(self) -> tuple[str, ...]:
@@ -155,46 +157,60 @@ def make_plan(
 
     open_free = tuple(t for t in chain if t.id not in blocked)
     if not open_free:
-        return Plan(chain=chain, route=route, forced=True)
+        return Plan(chain=chain, route=route, all_open=True)
     return Plan(chain=open_free, route=route)
 
 
 def _pinned_tier(config: Config, hints: RouteHints) -> Tier | None:
-    names = config.model_names()
+    """The tier the request names (X-Tier, else `model`), or None to let the proxy choose."""
+    names = config.names
     if hints.tier is not None:
-        tier_id = names.get(hints.tier)
+        tier_id = names.tier_names().get(hints.tier)
         if tier_id is None:
             _raise_unusable(config, hints.tier, "X-Tier")
             raise BadRequest(
-                f"Invalid X-Tier header value {hints.tier!r}: allowed values are {', '.join(sorted(names))}",
+                f"Invalid X-Tier header value {hints.tier!r}: allowed values are {', '.join(sorted(names.pins))}",
                 param="X-Tier",
                 code="invalid_header",
             )
         return config.tier(tier_id)
     model = hints.model
-    if model is None or model in config.auto_model_names:
+    if model is None or model in names.auto:
         return None
-    tier_id = names.get(model)
+    tier_id = names.pins.get(model)
+    if tier_id is None and model in names.mapped:
+        target = names.mapped[model]
+        if target is None:
+            return None
+        tier_id = target if config.tier(target).usable else None
+        if tier_id is None:
+            _raise_unusable(config, target, "model")
     if tier_id is None:
-        _raise_unusable(config, model, "model")
-        valid = sorted({*config.auto_model_names, *names})
-        raise NotFound(
-            f"The model {model!r} does not exist on this proxy. Use one of: {', '.join(valid)} "
-            "('auto' lets the proxy choose).",
-            param="model",
-            code="model_not_found",
-        )
-    return config.tier(tier_id)
+        tier_id = names.upstream.get(model)
+    if tier_id is not None:
+        return config.tier(tier_id)
+    _raise_unusable(config, model, "model")
+    if names.unknown == "auto":
+        return None
+    valid = sorted({*names.auto, *names.pins, *names.mapped})
+    raise NotFound(
+        f"The model {model!r} does not exist on this proxy. Use one of: {', '.join(valid)} "
+        "('auto' lets the proxy choose; a tier's upstream model id works too; GET /v1/models lists them). "
+        "An operator can accept other names with routing.models or routing.unknown_model.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 def _raise_unusable(config: Config, name: str, param: str) -> None:
-    for t in config.tiers:
-        if name == t.id or name in t.aliases:
-            raise Unavailable(
-                f"Tier {t.id!r} is configured but not usable: {t.skip_reason}",
-                param=param,
-                code="tier_unavailable",
-            )
+    tier_id = config.names.unusable.get(name)
+    if tier_id is not None:
+        t = config.tier(tier_id)
+        raise Unavailable(
+            f"Tier {t.id!r} is configured but not usable: {t.skip_reason}",
+            param=param,
+            code="tier_unavailable",
+        )
 
 
 def _paid_first(chain: tuple[Tier, ...]) -> tuple[Tier, ...]:

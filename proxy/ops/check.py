@@ -5,6 +5,7 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from proxy.config import Config, Transport
+from proxy.config.names import TierNames, describe_names
 from proxy.gateway.routing import RouteHints, make_plan
 
 
@@ -22,6 +23,8 @@ def describe(config: Config) -> str:
         reach = _transport(t.transport)
         if reach:
             lines.append(f"           {reach}")
+    lines += ["", "model names (the request's `model`):"]
+    lines += describe_names(config.names, [TierNames(t.id, t.aliases, t.model, t.usable) for t in config.tiers])
     lines += ["", "routes:"]
     for label, hints in (
         ("default", RouteHints()),
@@ -30,12 +33,20 @@ def describe(config: Config) -> str:
     ):
         lines.append(f"  {label:<22} {_chain(config, hints)}")
     r = config.retries
+    paid = "once, unless it asks (429/503 with Retry-After)" if r.paid_retries == "when_asked" else "like the others"
+    outage = (
+        "a request whose every tier fails opens their breakers at once"
+        if config.routing.open_breakers_on_outage
+        else "breakers open only by their own count"
+    )
     lines += [
         "",
         f"retries: {r.max_fallback_retries} attempts per tier, {r.max_total_retries} per request, "
-        f"deadline {r.request_deadline_seconds:g}s",
+        f"deadline {r.request_deadline_seconds:g}s; a paid tier is tried {paid}; "
+        "an exhausted chain answers x-should-retry: false",
         f"escalation: after {config.routing.escalate_after_failures} consecutive failures of "
-        f"{config.routing.primary!r}, for {config.routing.breaker_cooldown_seconds:g}s",
+        f"{config.routing.primary!r}, for {config.routing.breaker_cooldown_seconds:g}s; {outage}; "
+        "every breaker open: 503 at once with Retry-After, one probe per tier per cooldown",
         f"ledger: {config.ledger.path}",
         _quality(config),
         _server(config),

@@ -302,7 +302,7 @@ def proxy_config(
     """A config for fast fault tests: sub-second timeouts, breakers effectively off, small limits."""
     config: dict[str, Any] = {
         "tiers": tiers or tiers_for(urls),
-        "routing": {"escalate_after_failures": 1000},
+        "routing": {"escalate_after_failures": 1000, "open_breakers_on_outage": False},
         "retries": {
             "max_fallback_retries": 2,
             "max_total_retries": 5,
