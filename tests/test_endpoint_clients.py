@@ -34,7 +34,9 @@ TIERS = ("llama", "ollama", "kimi")
 @dataclass
 class RawUpstream:
     """Answers each request with the next scripted bytes (status line, headers and body as
-    written), then closes the connection: faults aiohttp's own server would never produce."""
+    written), then closes the connection: faults aiohttp's own server would never produce.
+    A reply starting with STALL is sent without it and the connection is then held open, silent,
+    until the proxy hangs up."""
 
     url: str = ""
     replies: deque[bytes] = field(default_factory=deque)
@@ -52,10 +54,17 @@ class RawUpstream:
             await reader.readexactly(length)
             self.hits += 1
             self.paths.append(head.split(b" ", 2)[1].decode())
-            writer.write(self.replies.popleft() if self.replies else b"HTTP/1.1 500 No script\r\n\r\n")
+            reply = self.replies.popleft() if self.replies else b"HTTP/1.1 500 No script\r\n\r\n"
+            writer.write(reply.removeprefix(STALL))
             await writer.drain()
+            if reply.startswith(STALL):
+                with contextlib.suppress(ConnectionError):
+                    await asyncio.wait_for(reader.read(), 5)  # b"" once the proxy closes
         finally:
             writer.close()
+
+
+STALL = b"<stall>"
 
 
 def sse_head() -> bytes:
@@ -74,6 +83,8 @@ CREATED = (
 DIES_AFTER_CREATED = sse_head() + chunk(CREATED)
 # ... or the stream ends cleanly there (the last chunk is sent): no answer, no response.completed.
 ENDS_AFTER_CREATED = sse_head() + chunk(CREATED) + b"0\r\n\r\n"
+# ... or it sends nothing more and keeps the connection open.
+STALLS_AFTER_CREATED = STALL + sse_head() + chunk(CREATED)
 # A 200 whose JSON body ends half way (its Content-Length promises more).
 HALF_A_BODY = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{"id":"resp_raw","obj'
 
@@ -237,6 +248,7 @@ async def test_agents_sdk_runs_a_tool_agent_through_failover(proxy: ProxyProc, s
     [
         pytest.param(DIES_AFTER_CREATED, True, "connect_error", id="stream-dies-after-response.created"),
         pytest.param(ENDS_AFTER_CREATED, True, "bad_response", id="stream-ends-after-response.created"),
+        pytest.param(STALLS_AFTER_CREATED, True, "timeout", id="stream-stalls-after-response.created"),
         pytest.param(HALF_A_BODY, False, "connect_error", id="plain-body-cut-short"),
     ],
 )
@@ -273,6 +285,47 @@ async def test_responses_fail_over_from_an_upstream_that_breaks_before_its_answe
     assert (req["tier"], req["outcome"], req["stream"]) == ("ollama", "ok", int(stream))
     assert [(a["tier"], a["outcome"]) for a in atts] == [("llama", outcome), ("ollama", "ok")]
     assert final.usage is not None and req["completion_tokens"] == final.usage.output_tokens
+
+
+async def test_a_responses_stream_broken_mid_answer_is_an_error_to_both_sdks(proxy: ProxyProc, sims: SimThread) -> None:
+    """llama's stream is cut after two text deltas (committed: no failover). The openai SDK gets
+    the `error` event and no final response; the Agents SDK's streamed run raises, naming the
+    cause, rather than ending with half an answer; the ledger says error."""
+    sims.sims["llama"].always(Behaviour(content="one two three four", chunks=4, drop_after=2))
+    rid = request_id("responses-broken")
+    client = sdk(proxy).with_options(default_headers={"X-Request-Id": rid})
+    kinds = []
+    async with client.responses.stream(model="auto", input="plan") as events:
+        async for event in events:
+            kinds.append(event.type)
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
+            await events.get_final_response()
+    assert kinds[-1] == "error" and kinds.count("response.output_text.delta") == 2
+    req, atts = ledger_rows(proxy.db, rid)
+    assert (req["tier"], req["outcome"], req["status"]) == ("llama", "error", 200)
+    assert [a["tier"] for a in atts] == ["llama"]
+
+    agents.set_default_openai_client(sdk(proxy), use_for_tracing=False)
+    agents.set_tracing_disabled(True)
+    run = agents.Runner.run_streamed(agents.Agent(name="planner", model="auto"), "plan")
+    with pytest.raises(agents.ModelBehaviorError, match="stream_interrupted"):
+        async for _ in run.stream_events():
+            pass
+    assert sims.hits() == {"llama": 2, "ollama": 0, "kimi": 0}
+
+
+async def test_the_error_event_of_a_broken_responses_stream_is_numbered_after_the_others(
+    proxy: ProxyProc, sims: SimThread
+) -> None:
+    """Responses stream events carry an increasing `sequence_number` (clients order, resume and
+    de-duplicate by it); the error event the proxy adds to a broken stream must come after the
+    last one relayed, not restart at 0."""
+    sims.sims["llama"].always(Behaviour(content="one two three four", chunks=4, drop_after=2))
+    stream = await sdk(proxy).responses.create(model="auto", input="plan", stream=True)
+    numbers = [(event.type, event.sequence_number) async for event in stream]
+    assert numbers[-1][0] == "error"
+    seq = [n for _, n in numbers]
+    assert seq == sorted(set(seq)), f"sequence numbers not increasing: {numbers}"
 
 
 # ---------------------------------------------------------------------------- llama-index OpenAILike
