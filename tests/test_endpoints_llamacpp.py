@@ -206,6 +206,47 @@ async def test_embeddings_with_the_openai_sdk_through_the_proxy_and_directly(
     await direct.close()
 
 
+# ---------------------------------------------------------------------------- a tier without embeddings
+
+
+@pytest.fixture
+def undeclared(llamacpp: LlamaCppServer, llamacpp_embeddings: LlamaCppServer, tmp_path: Path) -> Iterator[ProxyProc]:
+    """proxy serve with no `endpoints:` anywhere (the default: every tier serves all four), the
+    primary being a llama.cpp server started without embeddings, which answers /v1/embeddings
+    with 501 "This server does not support embeddings"."""
+    tiers = {
+        "llama": {"base_url": llamacpp.base_url, "model": LLAMA_MODEL, "timeout_seconds": 5},
+        "ollama": {"base_url": llamacpp_embeddings.base_url, "model": EMBED_MODEL, "timeout_seconds": 5},
+        "kimi": {"base_url": closed_port_url(), "model": "kimi-k2.5", "paid": True, "api_key_env": "TEST_KIMI_KEY"},
+    }
+    config = {"tiers": tiers, "ledger": {"path": str(tmp_path / "ledger.db")}}
+    proc = ProxyProc.start(tmp_path, config, {"TEST_KIMI_KEY": KIMI_KEY})
+    yield proc
+    assert proc.terminate() == 0
+
+
+def test_a_501_for_an_endpoint_the_tier_lacks_is_not_retried_there(undeclared: ProxyProc) -> None:
+    """501 Not Implemented is the server saying it has no such endpoint: asking it again cannot
+    help (as for the 400/404 refusals, the next tier is tried at once)."""
+    status, headers, body = post(f"{undeclared.url}/v1/embeddings", {**BODIES["embeddings"], "model": "auto"})
+    assert status == 200 and headers["X-Proxy-Tier"] == "ollama", body
+    _, atts = ledger_rows(undeclared.db, headers["X-Request-Id"])
+    assert [(a["tier"], a["http_status"]) for a in atts] == [("llama", 501), ("ollama", 200)]
+
+
+def test_embeddings_a_tier_lacks_do_not_open_its_breaker_for_chat(undeclared: ProxyProc) -> None:
+    """A tier whose server has no embeddings is healthy for chat: escalate_after_failures (3)
+    embeddings calls answered 501 by it must not open its breaker and send chat elsewhere."""
+    for _ in range(3):
+        status, headers, body = post(f"{undeclared.url}/v1/embeddings", {**BODIES["embeddings"], "model": "auto"})
+        assert status == 200 and headers["X-Proxy-Tier"] == "ollama", body
+    status, headers, body = post(
+        f"{undeclared.url}/v1/chat/completions", {**BODIES["chat/completions"], "model": "auto"}
+    )
+    assert status == 200, body
+    assert headers["X-Proxy-Tier"] == "llama", f"chat went to {headers['X-Proxy-Tier']}: llama's breaker opened"
+
+
 # ---------------------------------------------------------------------------- real clients, real server
 
 
