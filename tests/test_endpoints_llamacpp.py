@@ -107,6 +107,41 @@ def events(raw: bytes) -> list[bytes]:
     return [blank(e) for e in raw.split(b"\n\n") if e.strip()]
 
 
+def _usage_in(doc: Any) -> dict[str, Any] | None:
+    if isinstance(doc, dict):
+        if isinstance(doc.get("usage"), dict):
+            return doc["usage"]
+        for value in doc.values():
+            if (found := _usage_in(value)) is not None:
+                return found
+    return None
+
+
+def reported(raw: bytes) -> tuple[int, int, int]:
+    """(prompt, completion, cached) tokens as llama.cpp reported them in a body or a stream,
+    in chat/completions' names or the Responses API's."""
+    for payload in reversed([raw, *(e.partition(b"data: ")[2] for e in raw.split(b"\n\n"))]):
+        try:
+            usage = _usage_in(orjson.loads(payload))
+        except orjson.JSONDecodeError:
+            continue
+        if usage is not None:
+            details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+            prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+            return (
+                prompt,
+                usage.get("completion_tokens", usage.get("output_tokens", 0)),
+                details.get("cached_tokens", 0),
+            )
+    raise AssertionError(f"no usage in {raw[:200]!r}")
+
+
+def recorded(served: ProxyProc, headers: dict[str, str]) -> tuple[int, int, int]:
+    req, _ = ledger_rows(served.db, headers["X-Request-Id"])
+    assert req["usage_source"] == "upstream"
+    return req["prompt_tokens"], req["completion_tokens"], req["cached_tokens"]
+
+
 def both(
     served: ProxyProc, upstream: LlamaCppServer, api: str, model: str, **extra: Any
 ) -> tuple[tuple[int, dict[str, str], bytes], tuple[int, dict[str, str], bytes]]:
@@ -126,6 +161,7 @@ def test_plain_answers_are_the_same_bytes_as_direct(served: ProxyProc, llamacpp:
     assert blank(proxied) == blank(direct)
     assert p_headers["Content-Type"] == d_headers["Content-Type"]
     assert b'"usage":{' in direct  # the comparison covers the usage, not only the text
+    assert recorded(served, p_headers) == reported(direct)
 
 
 @pytest.mark.parametrize(
@@ -165,6 +201,8 @@ def test_streams_are_the_same_events_as_direct(
         # usage where llama.cpp put it when asked directly (chat), or always (completions)
         assert (b'"usage":{' in want[-2]) is (usage or api == "completions")
     assert len(want) >= 6 + 2  # an event per token (max 6), and the end: the comparison is not vacuous
+    # The ledger has llama.cpp's own count, also when the client did not ask to see it.
+    assert recorded(served, p_headers) == (reported(direct) if b'"usage":{' in direct else (28, 6, 0))
 
 
 @pytest.mark.parametrize("encoding", [None, "float", "base64"])
@@ -180,6 +218,7 @@ def test_embeddings_are_the_same_bytes_as_direct(
     assert proxied == direct  # no id, no clock, no timings: nothing to normalise
     doc = orjson.loads(direct)
     assert len(doc["data"]) == 2 and doc["usage"]["prompt_tokens"] > 0
+    assert recorded(served, p_headers) == (doc["usage"]["prompt_tokens"], 0, 0)
 
 
 async def test_embeddings_with_the_openai_sdk_through_the_proxy_and_directly(
