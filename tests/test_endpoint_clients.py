@@ -30,6 +30,8 @@ TIERS = ("llama", "ollama", "kimi")
 
 # ---------------------------------------------------------------------------- an upstream that breaks
 
+STALL = b"<stall>"
+
 
 @dataclass
 class RawUpstream:
@@ -62,9 +64,6 @@ class RawUpstream:
                     await asyncio.wait_for(reader.read(), 5)  # b"" once the proxy closes
         finally:
             writer.close()
-
-
-STALL = b"<stall>"
 
 
 def sse_head() -> bytes:
@@ -102,15 +101,20 @@ def sims() -> Iterator[SimThread]:
 
 
 @pytest.fixture(scope="module")
-def raw(sims: SimThread) -> RawUpstream:
+def raw(sims: SimThread) -> Iterator[RawUpstream]:
     upstream = RawUpstream()
 
-    async def start() -> str:
-        server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    async def start() -> asyncio.Server:
+        return await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
 
-    upstream.url = sims.run(start())
-    return upstream
+    async def stop(server: asyncio.Server) -> None:
+        server.close()
+        await server.wait_closed()
+
+    server = sims.run(start())
+    upstream.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    yield upstream
+    sims.run(stop(server))
 
 
 def _serve(sims: SimThread, work: Path, llama_url: str) -> Iterator[ProxyProc]:
