@@ -59,11 +59,15 @@ def make_params(
     n_threads_http: int | None = None,
     seed: int | None = 42,
     verbosity: int | None = None,
+    embeddings: bool = False,
+    pooling: str = "mean",
 ) -> Any:
     """Build an ``xllamacpp.CommonParams`` for a small CPU-only test server.
 
     ``port=0`` lets the OS pick a free port; the real address is then
-    ``xllamacpp.Server(...).listening_address``.
+    ``xllamacpp.Server(...).listening_address``. ``embeddings=True`` turns on
+    ``/v1/embeddings`` (llama.cpp's ``--embeddings``) with ``pooling`` (none,
+    mean, cls, last) over the token vectors; completions are still served.
     """
     import xllamacpp
 
@@ -84,6 +88,9 @@ def make_params(
         p.sampling.seed = seed  # default is random; per-request "seed" overrides
     if verbosity is not None:
         p.verbosity = verbosity
+    if embeddings:
+        p.embedding = True
+        p.pooling_type = getattr(xllamacpp.llama_pooling_type, f"LLAMA_POOLING_TYPE_{pooling.upper()}")
     return p
 
 
@@ -111,6 +118,8 @@ class LlamaCppServer:
         startup_timeout: float = 30.0,
         in_process: bool = False,
         log_path: str | os.PathLike[str] | None = None,
+        embeddings: bool = False,
+        pooling: str = "mean",
     ) -> None:
         self.alias = alias
         self.n_parallel = n_parallel
@@ -122,6 +131,8 @@ class LlamaCppServer:
         self.startup_timeout = startup_timeout
         self.in_process = in_process
         self._log_path_arg = pathlib.Path(log_path) if log_path else None
+        self.embeddings = embeddings
+        self.pooling = pooling
 
         self.log_path: pathlib.Path | None = None
         self.root_url: str | None = None  # "http://127.0.0.1:PORT"
@@ -226,6 +237,8 @@ class LlamaCppServer:
             n_threads=self.n_threads,
             seed=self.seed,
             verbosity=self.verbosity,
+            embeddings=self.embeddings,
+            pooling=self.pooling,
         )
 
     def _start_in_process(self, model_path: pathlib.Path) -> None:
@@ -266,6 +279,8 @@ class LlamaCppServer:
             cmd += ["--seed", str(self.seed)]
         if self.verbosity is not None:
             cmd += ["--verbosity", str(self.verbosity)]
+        if self.embeddings:
+            cmd += ["--embeddings", "--pooling", self.pooling]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
         with open(self.log_path, "ab") as log:
@@ -340,6 +355,8 @@ def _serve_forever(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--verbosity", type=int, default=None)
+    ap.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings too")
+    ap.add_argument("--pooling", default="mean", choices=("none", "mean", "cls", "last"))
     ap.add_argument(
         "--ignore-stdin",
         action="store_true",
@@ -370,6 +387,8 @@ def _serve_forever(argv: list[str] | None = None) -> int:
         n_threads=args.threads,
         seed=args.seed,
         verbosity=args.verbosity,
+        embeddings=args.embeddings,
+        pooling=args.pooling,
     )
     server = xllamacpp.Server(params)  # returns once the model is loaded
     try:
