@@ -26,7 +26,7 @@ class Verdict(enum.Enum):
     OK = "ok"
     RETRY = "retry"  # may be retried on the same tier
     NEXT = "next"  # go straight to the next tier (timeouts, bad keys)
-    REFUSED = "refused"  # the tier rejected the request itself (400/404/413/422...)
+    REFUSED = "refused"  # the tier rejected the request itself (400/404/413/422/501...)
 
 
 def verdict(rec: AttemptRecord) -> Verdict:
@@ -40,6 +40,8 @@ def verdict(rec: AttemptRecord) -> Verdict:
     status = rec.http_status or 0
     if status in (401, 403) or 300 <= status < 400:  # a bad key, or a redirect that is never followed
         return Verdict.NEXT
+    if status == 501:  # the tier's server lacks this endpoint (llama.cpp without embeddings): not an outage
+        return Verdict.REFUSED
     if status in (408, 429) or status >= 500:
         return Verdict.RETRY
     return Verdict.REFUSED

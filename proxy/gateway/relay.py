@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.errors import error_json
 from proxy.gateway.client_io import ClientGone, write
 from proxy.gateway.redact import Redactor
-from proxy.gateway.sse import StreamWatch, events_within
+from proxy.gateway.sse import StreamWatch, events_within, next_sequence_number
 from proxy.records import Api, AttemptOutcome, AttemptRecord
 
 # Why a relay stopped early: the attempt's outcome and its error, in words.
@@ -61,7 +61,7 @@ async def relay_stream(
         rec.fail(*cut)
         if watch.error and not watch.overflow and cut[1].startswith(_UPSTREAM_ERROR):
             return  # an upstream error event was already passed on as it came
-    await _end_with_error(client, redactor.clean_text(rec.error or "stream interrupted"), watch.api)
+    await _end_with_error(client, redactor.clean_text(rec.error or "stream interrupted"), watch)
 
 
 _UPSTREAM_ERROR = "upstream error in stream: "
@@ -159,11 +159,18 @@ async def _pump(
             eof, data = True, redactor.clean(watch.finish())
 
 
-async def _end_with_error(client: web.StreamResponse, message: str, api: Api) -> None:
+async def _end_with_error(client: web.StreamResponse, message: str, watch: StreamWatch) -> None:
     text = f"Upstream failed mid-stream: {message}"
-    if api is Api.RESPONSES:
-        # What clients of the Responses API wait for: an `error` event (there is no [DONE]).
-        doc = {"type": "error", "code": "stream_interrupted", "message": text, "param": None, "sequence_number": 0}
+    if watch.api is Api.RESPONSES:
+        # What clients of the Responses API wait for: an `error` event (there is no [DONE]),
+        # numbered after the events they already have.
+        doc = {
+            "type": "error",
+            "code": "stream_interrupted",
+            "message": text,
+            "param": None,
+            "sequence_number": next_sequence_number(watch.tail),
+        }
         event = b"event: error\ndata: " + orjson.dumps(doc) + b"\n\n"
     else:
         event = b"data: " + error_json(text, "upstream_error", "stream_interrupted") + b"\n\n"

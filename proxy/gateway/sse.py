@@ -9,6 +9,7 @@ a few `in` tests.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import orjson
@@ -44,6 +45,7 @@ class StreamWatch:
     first: dict[str, object] | None = None  # the first data event, decoded
     api: Api = Api.CHAT
     answering: bool = False  # a Responses stream is past its bookkeeping events
+    tail: bytes = b""  # a Responses stream's last events released, to number an error event after them
     assembly: StreamAssembly | None = None  # set when the answer will be judged: every event is decoded
 
     def feed(self, chunk: bytes) -> bytes:
@@ -84,6 +86,7 @@ class StreamWatch:
         if self.assembly is not None:
             self.assembly.feed(out)
         if self.api is Api.RESPONSES:
+            self.tail = out
             self._responses_progress(out)
         elif _DONE in out:
             self.done = True
@@ -229,6 +232,15 @@ def _loads_or_none(payload: bytes) -> object:
         return orjson.loads(payload)
     except orjson.JSONDecodeError:
         return None
+
+
+def next_sequence_number(tail: bytes) -> int:
+    """One past the last `sequence_number` in a Responses stream's last events (0 when none)."""
+    at = tail.rfind(b'"sequence_number":')
+    if at < 0:
+        return 0
+    digits = re.match(rb"\s*(\d+)", tail[at + len(b'"sequence_number":') :])
+    return int(digits.group(1)) + 1 if digits else 0
 
 
 def _responses_error(event: dict[str, object]) -> str:
