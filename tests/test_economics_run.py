@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import econ_client, economics
+from bench import econ_client, econ_model, economics
 from proxy.sim import SimSettings
 from proxy.sim.answers import pick
 from proxy.sim.settings import Behaviour
@@ -50,10 +50,18 @@ def test_the_calls_are_the_same_for_a_seed() -> None:
     assert econ_client.calls(50, 7) != econ_client.calls(50, 8)
 
 
+def test_the_rules_in_process_give_the_design_s_shares() -> None:
+    model = econ_model.expected(20_000, 5, econ_client.MIX, economics.BAD_ANSWER_RATES)
+    assert model["calls"] == 20_000
+    assert model["usable"] > 0.998  # ~0.05% unusable, nearly all minor re-plans (no Kimi for them)
+    assert model["usable_by_kind"]["complex"] == 1.0
+    assert 0.04 < model["paid"] < 0.07  # the complex calls (5%) and the rare call that reaches Kimi
+
+
 def test_a_small_economics_run_completes_with_sane_figures(tmp_path: Path) -> None:
     out = tmp_path / "economics.json"
-    argv = [sys.executable, "-m", "bench.economics", "--requests", "300", "--runs", "1", "--rate", "400"]
-    argv += ["--out", str(out), "--keep", str(tmp_path / "work")]
+    argv = [sys.executable, "-m", "bench.economics", "--requests", "300", "--off-requests", "300", "--rate", "400"]
+    argv += ["--model-calls", "2000", "--out", str(out), "--keep", str(tmp_path / "work")]
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
     # 1: a target missed, which 300 calls can do by chance; anything else is a failure to run.
     assert r.returncode in (0, 1), r.stdout + r.stderr
@@ -79,5 +87,5 @@ def test_a_small_economics_run_completes_with_sane_figures(tmp_path: Path) -> No
     assert {c["check"].split(" (")[0] for c in results["checks"]} == {
         "usable answers received",
         "calls that paid",
-        "saved vs all-Kimi",
+        "saved against all-Kimi",
     }
