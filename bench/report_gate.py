@@ -43,7 +43,8 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         _check(
             "quality gate, checked 2 KB JSON + schema (proxy CPU/request, checked - unchecked)",
-            f"{e2e['added_cpu_us']:.1f} us (median of {len(rounds)} paired rounds; {spread})",
+            f"{e2e['added_cpu_us']:.1f} us = {e2e['added_cpu_us'] / cpu_us:.1%} of the request "
+            f"(median of {len(rounds)} rounds; {spread})",
             f"<= {CHECKED_US:g} us",
             e2e["added_cpu_us"] <= CHECKED_US,
         ),
@@ -56,6 +57,7 @@ def gate_section(results: dict[str, Any]) -> str:
         return ""
     m, e = gate["micro"], gate["e2e"]
     head = e.get("check_header", {})
+    share = e["added_cpu_us"] / e["unchecked_cpu_us"] if e["unchecked_cpu_us"] else math.nan
     cases = (
         ("no check asked (X-Proxy-Check looked up, `check_for` finds nothing), in-process", m["unchecked_us"], 2),
         ("json_schema request with `X-Proxy-Check: off`, in-process", m["off_us"], 2),
@@ -86,11 +88,13 @@ def gate_section(results: dict[str, Any]) -> str:
 
 In-process: `QualityGate.check_for` + `Check.judge` (bench/gatecost.py), blocks of
 {m["reps"]:,} calls (a tenth of that for the checked cases), the cases interleaved block by block,
-CPU time of the thread, median block. Through the proxy: wrk, {e["connections"]} in flight,
-{e["rounds"]} rounds of {e["seconds"]:g} s alternating checked / unchecked (A B, B A, ...) against the
-`plan2k` tier (nginx returning a canned completion whose content is the plan), CPU of
-`proxy serve` from /proc per request; paired differences per round:
-{", ".join(f"{d:.0f}" for d in e["added_cpu_us_rounds"])} us.
+CPU time of the thread, median block. Through the proxy: the bench's `proxy serve` and an
+identical second one, both on the proxy core, each sent {e["rate"]:g} requests/s by its own wrk
+({e["connections"]} connections) at the same time, one the checked request and the other the same
+request with `X-Proxy-Check: off`, against the `plan2k` tier (nginx returning a canned completion
+whose content is the plan); they swap roles every round, {e["rounds"]} rounds of {e["seconds"]:g} s. CPU of
+each process from /proc per request; checked - unchecked per round:
+{", ".join(f"{d:.0f}" for d in e["added_cpu_us_rounds"])} us ({share:.1%} of the unchecked request's CPU at the median).
 """
 
 
