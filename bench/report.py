@@ -317,7 +317,7 @@ python -m bench --with-litellm    # full run, ~7 min + LiteLLM install once; wri
 python -m bench --quick           # smoke test, < 1 min (results-quick.json, no BENCHMARKS.md)
 python -m bench --profile         # adds a py-spy profile of the proxy at 32 in flight
 python -m bench.report {json_path}   # rebuild this file and the chart from the JSON
-python -m bench.economics         # the original design's economics (~3 min): bench/results/economics.json
+python -m bench.economics [--runs 3]   # the original design's economics, ~2 min a run: bench/results/economics.json
 ```
 
 Run from the repository root in an environment with the project installed (`pip install -e .`).
