@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import load, report, targets, upstream
+from bench import gatecost, load, report, targets, upstream
 from bench.procs import (
     LOAD_CORE,
     PROXY_CORE,
@@ -63,11 +63,14 @@ class Plan:
     profile_s: float = 10
     quiet_wait_s: float = 30  # longest wait for other work on the machine to stop before a phase
     spare_s: float = 150  # total time for such waits and for re-running disturbed phases
+    gate_rounds: int = 10  # the quality gate's cost: rounds of checked and unchecked at once
+    gate_s: float = 2
+    gate_reps: int = 20_000  # ... and in-process repetitions per block
 
 
 QUIET_SHARE = 0.05  # share of the machine's CPU other processes may use during a phase
 
-QUICK = Plan(1, 2, 1, 2, 1, 3, 1, 1, 8, 1.5, (32,), 1.5, 4, 5, 10)
+QUICK = Plan(1, 2, 1, 2, 1, 3, 1, 1, 8, 1.5, (32,), 1.5, 4, 5, 10, 2, 1, 2_000)
 
 
 @dataclass
@@ -174,8 +177,9 @@ def _spread(values: list[float]) -> float:
 
 
 class Bench:
-    def __init__(self, plan: Plan, tool: str, workdir: Path, systems: list[System]) -> None:
+    def __init__(self, plan: Plan, tool: str, workdir: Path, systems: list[System], twin: Service) -> None:
         self.plan, self.tool, self.workdir, self.systems = plan, tool, workdir, systems
+        self.twin = twin  # a second proxy like the first, for the quality gate's simultaneous A/B
         self.results: dict[str, Any] = {}
 
     def wrk(self, s: System, target: load.Target, c: int, seconds: float, rate: float | None = None) -> load.LoadResult:
@@ -188,12 +192,12 @@ class Bench:
         say("warm-up")
         for s in self.systems:
             self.wrk(s, s.plain, 8, p.warmup_s)
-        phases = [self.latency, self.throughput, self.rates, self.stream_timing, self.stream_holding]
+        phases = [self.latency, self.throughput, self.gate_cost, self.rates, self.stream_timing, self.stream_holding]
         if profile:
             phases.append(self.profile)
         # Last: wrk cuts the streams in flight when it stops, which the proxy may hold against a tier.
         phases.append(self.stream_throughput)
-        pids = {s.service.pid for s in self.systems} | {s.stream_pid for s in self.systems}
+        pids = {s.service.pid for s in self.systems} | {s.stream_pid for s in self.systems} | {self.twin.pid}
         spare = self.plan.spare_s  # time the whole run may spend waiting for quiet and re-running
         for phase in phases:
             # A phase disturbed by other work on the machine is run once more while time allows
@@ -290,6 +294,22 @@ class Bench:
                 f"{res[s.name]['cpu_ms_per_request']:.3f} CPU ms/req"
             )
         self.results |= {"throughput_32": tput, "resources": res}
+
+    def gate_cost(self) -> None:
+        p = self.plan
+        say(f"quality gate: in-process, then {p.gate_rounds} rounds of {p.gate_s:g}s checked and unchecked at once")
+        micro = gatecost.micro(p.gate_reps)
+        proxy = next(s for s in self.systems if s.name == "proxy")
+        e2e = gatecost.phase(self, proxy, self.twin, p.gate_rounds, p.gate_s)
+        self.results["gate_cost"] = {"micro": micro, "e2e": e2e}
+        say(
+            f"  in-process: unchecked {micro['unchecked_us']:.2f} us, checked 2 KB + schema "
+            f"{micro['checked_2kb_schema_us']:.1f} us (held stream {micro['checked_2kb_schema_stream_us']:.1f} us)"
+        )
+        say(
+            f"  proxy CPU/request: checked {e2e['checked_cpu_us']:.0f} us, unchecked {e2e['unchecked_cpu_us']:.0f} us, "
+            f"added {e2e['added_cpu_us']:.1f} us (rounds {e2e['added_cpu_us_rounds']})"
+        )
 
     def stream_throughput(self) -> None:
         say(f"canned SSE streams, 32 in flight, {self.plan.stream_tput_s:g}s")
@@ -501,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         direct.paced_url, direct.stream_pid = f"{paced_url}/v1/chat/completions", paced.pid
         proxy_svc = targets.start_proxy(fast_url, paced_url, workdir)
         stack.callback(proxy_svc.stop)
+        (workdir / "twin").mkdir()
+        twin = targets.start_proxy(fast_url, paced_url, workdir / "twin")
+        stack.callback(twin.stop)
         systems = [direct, make_system("proxy", proxy_svc, ("auto", "sse", "paced"), {})]
         if args.with_litellm:
             ll = targets.start_litellm(fast_url, paced_url, workdir)
@@ -508,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             auth = {"Authorization": f"Bearer {targets.LITELLM_KEY}"}
             systems.append(make_system("litellm", ll, ("bench", "bench-sse", "bench-paced"), auth))
         say(f"upstream: {fast_kind}; load: {tool}; systems: {', '.join(s.name for s in systems)}")
-        bench = Bench(plan, tool, workdir, systems)
+        bench = Bench(plan, tool, workdir, systems, twin)
         results: dict[str, Any] = {"meta": machine(fast_kind, tool, args.with_litellm) | {"run": kind}}
         results |= bench.run_all(args.profile)
         results["resources_after"] = {s.name: memory_mb(s.service.pid) for s in systems}

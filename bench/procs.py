@@ -78,7 +78,7 @@ class Service:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log}")
-            if _ready(self.port, health):
+            if ready(self.port, health):
                 return self
             time.sleep(0.1)
         self.stop()
@@ -104,7 +104,7 @@ class Service:
             return self.proc.wait(10)
 
 
-def _ready(port: int, health: str | None) -> bool:
+def ready(port: int, health: str | None) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
             if health is None:

@@ -13,6 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench import report_gate
+
 NAMES = ("direct", "proxy", "litellm")
 COLOURS = {"direct": "#7f7f7f", "proxy": "#1f77b4", "litellm": "#d62728"}
 NAN = float("nan")
@@ -143,7 +145,7 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
         lost = ledger["completed"] - ledger["rows"]
         detail = f"{ledger['rows']} rows for {ledger['completed']} completed (+ <= {ledger['max_abandoned']} cut)"
         out.append(c("lost ledger rows", f"{max(lost, 0)} ({detail})", "0", status == "ok"))
-    return out
+    return out + report_gate.checks(results)
 
 
 def _held_text(results: dict[str, Any], name: str) -> str:
@@ -315,6 +317,7 @@ python -m bench --with-litellm    # full run, ~7 min + LiteLLM install once; wri
 python -m bench --quick           # smoke test, < 1 min (results-quick.json, no BENCHMARKS.md)
 python -m bench --profile         # adds a py-spy profile of the proxy at 32 in flight
 python -m bench.report {json_path}   # rebuild this file and the chart from the JSON
+python -m bench.economics [--runs 3]   # the original design's economics, ~2 min a run: bench/results/economics.json
 ```
 
 Run from the repository root in an environment with the project installed (`pip install -e .`).
@@ -352,6 +355,8 @@ ended (each may or may not have a row); `proxy serve` exit code after SIGTERM: {
 Proxy circuit breakers left open by a phase: {breaker_text}. Proxy log: {log.get("errors")} ERROR
 lines, {log.get("tracebacks")} tracebacks.
 
+{report_gate.gate_section(results)}
+{report_gate.economics_section(report_gate.load_economics())}
 ## Paced streams held by one core
 
 64 deltas 20 ms apart from `proxy.sim` in its own process; concurrency stepped, {plan.get("hold_s")} s

@@ -2,9 +2,10 @@
 
 The proxy is `proxy serve --config <generated yaml> --port P` with the ledger on, primary tier
 `llama` on the fast upstream and the other default tiers on the same upstream (plus `sse` and
-`paced` tiers, pinned by model name, for the stream tests). LiteLLM runs from its own virtualenv
-(`bench/.litellm-venv`, `litellm[proxy]` pinned below), one worker, local cost map, a master key,
-no database, two deployments on the same upstream with a fallback list between them.
+`paced` tiers, pinned by model name, for the stream tests, and `plan2k` for the quality gate's
+cost). LiteLLM runs from its own virtualenv (`bench/.litellm-venv`, `litellm[proxy]` pinned
+below), one worker, local cost map, a master key, no database, two deployments on the same
+upstream with a fallback list between them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def proxy_config(fast: str, paced: str, workdir: Path, port: int) -> Path:
             },
             "sse": {"base_url": f"{fast}/stream/v1", "model": "llama3.1:8b"},
             "paced": {"base_url": f"{paced}/v1", "model": "llama3.1:8b"},
+            # A ~2 KB JSON plan answer, for the quality gate's cost (bench/gatecost.py).
+            "plan2k": {"base_url": f"{fast}/plan/v1", "model": "llama3.1:8b"},
         },
         "ledger": {"path": str(workdir / "ledger.db")},
     }

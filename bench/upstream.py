@@ -2,9 +2,11 @@
 
 nginx serves `POST {base}/v1/chat/completions` with a ~1.4 KB chat completion and
 `POST {base}/stream/v1/chat/completions` with a canned SSE stream (role chunk, 64 content
-deltas, finish chunk, usage chunk, `data: [DONE]`), both with `return 200`, one worker, its own
-pid/log/temp paths in a temp dir, run in the foreground. Where nginx is missing, the same two
-routes come from `proxy.sim` (said in the output). The paced upstream (64 deltas 20 ms
+deltas, finish chunk, usage chunk, `data: [DONE]`) and `POST {base}/plan/v1/chat/completions`
+with a completion whose content is a ~2 KB JSON plan (bench/gatecost.py: the quality gate's
+cost), all with `return 200`, one worker, its own pid/log/temp paths in a temp dir, run in the
+foreground. Where nginx is missing, the same routes come from `proxy.sim` and aiohttp (said in
+the output). The paced upstream (64 deltas 20 ms
 apart) is `proxy.sim` in its own process: `python -m bench.upstream PORT [--paced]`.
 """
 
@@ -17,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from bench.gatecost import plan_completion_body
 from bench.procs import LOAD_CORE, Service, pinned, python_module_argv, say
 
 CHUNKS = 64
@@ -74,9 +77,9 @@ def sse_body() -> bytes:
 
 def _nginx_string(body: bytes) -> str:
     text = body.decode()
-    if any(c in text for c in "'$\\"):
-        raise ValueError("canned bodies must not contain ' $ or \\ (nginx string syntax)")
-    return "'" + text + "'"
+    if any(c in text for c in "'$"):
+        raise ValueError("canned bodies must not contain ' or $ (nginx string syntax)")
+    return "'" + text.replace("\\", "\\\\") + "'"  # nginx reads a doubled backslash as one
 
 
 def _nginx_return(body: bytes, name: str) -> str:
@@ -122,6 +125,10 @@ http {{
             default_type text/event-stream;
             {_nginx_return(sse_body(), "s")}
         }}
+        location = /plan/v1/chat/completions {{
+            default_type application/json;
+            {_nginx_return(plan_completion_body(), "p")}
+        }}
     }}
 }}
 """
@@ -160,10 +167,17 @@ async def _serve_sim(port: int, paced: bool) -> None:
     behaviour = Behaviour(chunk_delay=PACE_SECONDS, chunks=CHUNKS) if paced else Behaviour(chunks=CHUNKS)
     app = create_sim_app(SimSettings(name="bench", default=behaviour, record_requests=False))
     if not paced:
-        # The fallback fast upstream answers the SSE route too, like nginx does.
+        # The fallback fast upstream answers the SSE and plan routes too, like nginx does.
         routes = app.router.routes()
         chat = next(r.handler for r in routes if r.resource and r.resource.canonical == "/v1/chat/completions")
         app.router.add_post("/stream/v1/chat/completions", chat)
+        plan = plan_completion_body()
+
+        async def canned_plan(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(body=plan, content_type="application/json")
+
+        app.router.add_post("/plan/v1/chat/completions", canned_plan)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
