@@ -374,3 +374,20 @@ async def test_the_last_bad_answer_is_billed_once_when_later_tiers_failed(
         cost, check = conn.execute("SELECT cost_nano_usd, check_result FROM requests WHERE id = 'kimi-bad'").fetchone()
     assert rows[0]["cost_nano_usd"] > 0 and cost == rows[0]["cost_nano_usd"]
     assert check == "failed"
+
+
+async def test_a_request_keeps_its_retry_when_its_bad_answer_opened_the_breaker(
+    make_proxy: ProxyFactory, upstreams: dict[str, Upstream]
+) -> None:
+    """The third bad answer in a row opens llama's breaker in the middle of request 2: that
+    request still gets its second llama attempt (the tier is up), then the next calls escalate."""
+    upstreams["llama"].script(PROSE, PROSE, PROSE, GOOD)
+    upstreams["ollama"].always(GOOD)
+    upstreams["kimi"].always(GOOD)
+    client = await make_proxy(routing={"escalate_after_failures": 3, "breaker_cooldown_seconds": 60})
+    tiers = []
+    for _ in range(3):
+        resp = await client.post("/v1/chat/completions", json=body(response_format=JSON_OBJECT))
+        tiers.append((resp.headers["X-Proxy-Route"], resp.headers["X-Proxy-Tier"], resp.headers["X-Proxy-Attempts"]))
+    assert tiers == [("default", "ollama", "3"), ("default", "llama", "2"), ("escalated", "kimi", "1")]
+    assert hits(upstreams) == {"llama": 4, "ollama": 1, "kimi": 1}

@@ -120,7 +120,10 @@ class Failover:
                 return True
             if tries and len(result.attempts) >= self.retries.max_total_retries:
                 return False
-            ticket = breaker.acquire(self.clock(), last_resort=plan.all_open)
+            # After a bad answer the tier is up and this request is owed its retry there, even if
+            # that answer just opened the breaker (the retry does not count for the breaker).
+            asked_again = bool(tries) and result.attempts[-1].outcome is AttemptOutcome.INVALID_OUTPUT
+            ticket = breaker.acquire(self.clock(), last_resort=plan.all_open or asked_again)
             if ticket is None:  # open, or its half-open probe is out
                 return False
             n = len(result.attempts) + 1
