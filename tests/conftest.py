@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.app import create_app
 from proxy.config import Config, build_config
 from proxy.sim import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
+from tests.support.faults import SimThread
 from tests.support.llamacpp import LlamaCppServer
 from tests.support.secret_scan import KIMI_KEY, SCAN
 from tests.support.server import ProxyTestServer
@@ -113,6 +114,19 @@ def make_proxy(
         return await aiohttp_client(ProxyTestServer(create_app(make_config(raw, env))))
 
     return factory
+
+
+@pytest.fixture(scope="module")
+def sims() -> Iterator[SimThread]:
+    """llama, ollama and kimi simulated on their own event loop, for tests of a real `proxy serve`
+    (tests/support/faults.py); one set per test module."""
+    thread = SimThread()
+    for name in ("llama", "ollama", "kimi"):
+        thread.add(name)
+    try:
+        yield thread
+    finally:
+        thread.close()
 
 
 @pytest.fixture(scope="session")

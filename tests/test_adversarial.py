@@ -14,7 +14,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -30,15 +30,6 @@ from tests.support.proc import ProxyProc
 BUDGET = Decimal("0.01")
 PER_CALL = Decimal("0.001")  # ten calls' worth
 BODY = {"model": "auto", "messages": [{"role": "user", "content": "plan the launch"}]}
-
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    thread = SimThread()
-    for name in ("llama", "ollama", "kimi"):
-        thread.add(name)
-    yield thread
-    thread.close()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import shutil
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,15 +90,6 @@ def chromium() -> str:
             pytest.fail(f"{REQUIRE}=1 but chromium is not installed: apt-get install -y chromium")
         pytest.skip("no chromium: apt-get install -y chromium")
     return path
-
-
-@pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    thread = SimThread()
-    for name in TIERS:
-        thread.add(name)
-    yield thread
-    thread.close()
 
 
 class Pages:

@@ -92,15 +92,6 @@ HALF_A_BODY = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Len
 
 
 @pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    thread = SimThread()
-    for name in TIERS:
-        thread.add(name)
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
 def raw(sims: SimThread) -> Iterator[RawUpstream]:
     upstream = RawUpstream()
 

@@ -78,15 +78,6 @@ TIMEOUT = 0.5  # every tier's timeout_seconds in these tests
 # ---------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    thread = SimThread()
-    for name in TIERS:
-        thread.add(name)
-    yield thread
-    thread.close()
-
-
 def urls(sims: SimThread) -> dict[str, str]:
     return {name: sim.url for name, sim in sims.sims.items()}
 

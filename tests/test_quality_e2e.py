@@ -45,17 +45,6 @@ MESSAGES: list[Any] = [{"role": "user", "content": "Plan the launch. Answer with
 
 
 @pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    thread = SimThread()
-    for name in ("llama", "ollama", "kimi"):
-        thread.add(name)
-    try:
-        yield thread
-    finally:
-        thread.close()
-
-
-@pytest.fixture(scope="module")
 def started(tmp_path_factory: pytest.TempPathFactory, sims: SimThread) -> Iterator[Proxies]:
     """The module's `proxy serve` processes: their breakers never open (escalate_after_failures is
     1000), so the tests can share them; each test reads its own ledger rows by request id."""

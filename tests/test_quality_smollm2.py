@@ -90,17 +90,6 @@ def smollm2() -> Iterator[LlamaCppServer]:
 
 
 @pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    thread = SimThread()
-    for name in ("llama", "ollama", "kimi"):
-        thread.add(name)
-    try:
-        yield thread
-    finally:
-        thread.close()
-
-
-@pytest.fixture(scope="module")
 def free(sims: SimThread, smollm2: LlamaCppServer) -> Iterator[dict[str, Relay]]:
     """Two free tiers, both SmolLM2, each through its own relay so each tier's hits are counted."""
     relays = {name: sims.run(start_relay(smollm2.base_url)) for name in ("llama", "ollama")}

@@ -35,15 +35,6 @@ TIERS = ("llama", "ollama", "kimi")
 DOWN = Behaviour(status=500)
 
 
-@pytest.fixture(scope="module")
-def sims() -> Iterator[SimThread]:
-    thread = SimThread()
-    for name in TIERS:
-        thread.add(name)
-    yield thread
-    thread.close()
-
-
 Start = Callable[..., ProxyProc]
 
 
