@@ -252,6 +252,7 @@ def test_report_main_exit_codes_and_json(tmp_path: Path) -> None:
         "escalated_bad_answers",
         "exact",
         "tiers",
+        "endpoints",
     ]
     code, text = report_main(str(db), "all", False)
     assert code == 0 and "kimi" in text and "yes" in text
