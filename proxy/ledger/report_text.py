@@ -89,7 +89,7 @@ def render_table(report: Report) -> str:
         )
         for t in report.tiers
     ]
-    return "\n".join([*lines, *_table(rows), *_endpoint_table(report), *_quality_table(report)])
+    return "\n".join([*lines, *_table(rows), *_quality_table(report), *_endpoint_table(report)])
 
 
 def _endpoint_table(report: Report) -> list[str]:
