@@ -122,6 +122,7 @@ async def test_success_row_field_by_field(tmp_path: Path) -> None:
         "response_text": None,
         "check_result": None,  # nothing was checked
         "escalated_for": None,
+        "endpoint": "chat/completions",
     }
     (a,) = rows(db, "SELECT * FROM attempts")
     assert dict(a) == {
@@ -420,7 +421,7 @@ async def test_rollups_match_a_rebuild_from_raw_rows(tmp_path: Path) -> None:
             )
         )
     await write(db, *records, config=make_config(batch_size=37))
-    tables = ("daily_usage", "daily_attempts", "daily_latency")
+    tables = ("daily_usage", "daily_attempts", "daily_latency", "daily_endpoints")
     live = {t: rows(db, f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4") for t in tables}
     conn = await open_db(db)
     await rebuild_rollups(conn)

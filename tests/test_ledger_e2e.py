@@ -81,6 +81,7 @@ async def test_plain_success_row_field_by_field(make_proxy: ProxyFactory, upstre
         "response_text": None,
         "check_result": None,  # the request asked for no structure
         "escalated_for": None,
+        "endpoint": "chat/completions",
     }
     assert r["started_at"].endswith("Z") and r["duration_ms"] > 0
     a = await one(client, "SELECT * FROM attempts")

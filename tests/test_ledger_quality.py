@@ -22,7 +22,8 @@ from tests.support.quality import quality_config as config
 from tests.support.records import attempt, call
 
 T0 = datetime(2026, 11, 26, 9, 0, 0, tzinfo=UTC).timestamp()
-ROLLUPS = ("daily_usage", "daily_attempts", "daily_latency")
+ROLLUPS = ("daily_usage", "daily_attempts", "daily_latency", "daily_endpoints")
+OLD_ROLLUPS = ROLLUPS[:3]  # the tables of 0001_initial
 
 
 def rows(db: Path, sql: str, *args: Any) -> list[dict[str, Any]]:
@@ -38,8 +39,8 @@ def columns(db: Path, table: str) -> list[str]:
     return [r["name"] for r in rows(db, f"PRAGMA table_info({table})")]
 
 
-def rollups(db: Path) -> dict[str, list[tuple[Any, ...]]]:
-    return {t: [tuple(r.values()) for r in rows(db, f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4")] for t in ROLLUPS}
+def rollups(db: Path, tables: tuple[str, ...] = ROLLUPS) -> dict[str, list[tuple[Any, ...]]]:
+    return {t: [tuple(r.values()) for r in rows(db, f"SELECT * FROM {t} ORDER BY 1, 2, 3, 4")] for t in tables}
 
 
 async def write(db: Path, records: list[Any], cfg: Config | None = None) -> None:
@@ -221,7 +222,7 @@ async def test_an_old_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
     make_old_ledger(db)
     old_requests = rows(db, "SELECT * FROM requests ORDER BY id")
-    old_rollups = rollups(db)
+    old_rollups = rollups(db, OLD_ROLLUPS)
     assert "check_result" not in columns(db, "requests")
 
     conn = await open_db(db)
@@ -230,8 +231,9 @@ async def test_an_old_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     assert [r["name"] for r in rows(db, "SELECT name FROM _migrations ORDER BY name")] == [
         "0001_initial",
         "0002_quality",
+        "0003_endpoint",
     ]
-    assert columns(db, "requests")[-2:] == ["check_result", "escalated_for"]
+    assert columns(db, "requests")[-3:] == ["check_result", "escalated_for", "endpoint"]
     assert columns(db, "attempts")[-1] == "checked"
     assert columns(db, "daily_usage")[-3:] == ["checked", "check_failed", "escalated_bad_answers"]
     assert columns(db, "daily_attempts")[-4:] == ["checked", "invalid", "invalid_cost_nano_usd", "invalid_cost_usd"]
@@ -241,7 +243,7 @@ async def test_an_old_ledger_is_upgraded_in_place(tmp_path: Path) -> None:
     assert [{k: r[k] for k in old_requests[0]} for r in upgraded] == old_requests
     assert {(r["check_result"], r["escalated_for"]) for r in upgraded} == {(None, None)}
     assert rows(db, "SELECT DISTINCT checked FROM attempts") == [{"checked": 0}]
-    assert {t: [r[: len(old_rollups[t][0])] for r in v] for t, v in rollups(db).items()} == old_rollups
+    assert {t: [r[: len(old_rollups[t][0])] for r in v] for t, v in rollups(db, OLD_ROLLUPS).items()} == old_rollups
     live = rollups(db)
     conn = await open_db(db)
     await rebuild_rollups(conn)

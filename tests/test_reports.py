@@ -252,6 +252,7 @@ def test_report_main_exit_codes_and_json(tmp_path: Path) -> None:
         "escalated_bad_answers",
         "exact",
         "tiers",
+        "endpoints",
     ]
     code, text = report_main(str(db), "all", False)
     assert code == 0 and "kimi" in text and "yes" in text
@@ -282,13 +283,14 @@ seq(x, clock) AS (
     FROM seq WHERE x < :per_day - 1)
 INSERT INTO requests (id, started_at, duration_ms, route, stream, tier, paid, status, outcome, attempts,
     ttft_ms, prompt_tokens, completion_tokens, cached_tokens, usage_source, cost_usd, baseline_cost_usd,
-    cost_nano_usd, baseline_nano_usd, check_result)
+    cost_nano_usd, baseline_nano_usd, check_result, endpoint)
 SELECT printf('%03d-%05d', d, x), prefix || clock, 50 + (x * 7919) % 2000, 'default', x % 2,
        CASE x % 10 WHEN 0 THEN 'kimi' WHEN 1 THEN 'ollama' ELSE 'llama' END, x % 10 = 0, 200, 'ok',
        1 + (x % 10 = 1), CASE WHEN x % 2 = 1 THEN 20 + (x * 31) % 400 END, 1000, 200, 100, 'upstream',
        CASE WHEN x % 10 = 0 THEN 0.001065 ELSE 0 END, 0.001065,
        CASE WHEN x % 10 = 0 THEN 1065000 ELSE 0 END, 1065000,
-       CASE WHEN x % 100 = 0 THEN 'failed' WHEN x % 4 = 0 THEN 'passed' END
+       CASE WHEN x % 100 = 0 THEN 'failed' WHEN x % 4 = 0 THEN 'passed' END,
+       CASE x % 8 WHEN 1 THEN 'responses' WHEN 2 THEN 'completions' WHEN 4 THEN 'embeddings' ELSE 'chat/completions' END
 FROM days CROSS JOIN seq
 """
 _ATTEMPTS = """
@@ -319,6 +321,11 @@ _COPY_ROLLUPS = [
             "cost_nano_usd, cost_usd, checked, invalid, invalid_cost_nano_usd, invalid_cost_usd",
         ),
         ("daily_latency", "tier, metric, bucket, count"),
+        (
+            "daily_endpoints",
+            "endpoint, calls, failures, cancelled, prompt_tokens, completion_tokens, cached_tokens, duration_ms, "
+            "cost_nano_usd, cost_usd",
+        ),
     )
 ]
 
@@ -393,4 +400,18 @@ async def test_report_over_a_million_rows_is_fast(tmp_path: Path) -> None:
         240_000,
         10_000,
     )
+    # The split by endpoint (every 8th request to responses, completions, embeddings; Kimi's
+    # calls, the only paid ones, on chat, completions and embeddings in the ratio 2:1:1).
+    assert [(e.endpoint, e.calls, e.cost_usd) for e in everything.endpoints] == [
+        ("chat/completions", 625_000, Decimal("53.25")),
+        ("completions", 125_000, Decimal("26.625")),
+        ("embeddings", 125_000, Decimal("26.625")),
+        ("responses", 125_000, Decimal(0)),
+    ]
+    assert [(e.endpoint, e.calls, e.prompt_tokens, e.cost_usd) for e in day.endpoints] == [
+        ("chat/completions", 9_375, 9_375_000, Decimal("0.79875")),
+        ("completions", 1_875, 1_875_000, Decimal("0.399375")),
+        ("embeddings", 1_875, 1_875_000, Decimal("0.399375")),
+        ("responses", 1_875, 1_875_000, Decimal(0)),
+    ]
     assert max(timings.values()) < 0.5

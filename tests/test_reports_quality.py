@@ -87,7 +87,8 @@ async def test_proxy_report_text(tmp_path: Path) -> None:
     assert lines[3] == (
         "Checked answers: 12  passed: 11 (91.7%)  bad answers: 8 costing $0.001970  escalated: 3 (2 for bad answers)"
     )
-    assert lines[-5:] == [
+    at = lines.index("Answer quality by tier (escalated: calls the tier answered after the primary's breaker opened)")
+    assert lines[at : at + 5] == [
         "Answer quality by tier (escalated: calls the tier answered after the primary's breaker opened)",
         "tier    checked  bad  bad %   bad cost  escalated  for bad answers",
         "llama        11    5  45.5%  $0.000000          0                0",

@@ -4,7 +4,7 @@ back from it (reports, budgets).
 - `writer.py`: `Ledger`, the queue and the one background task that writes batches
 - `rows.py`: a CallRecord as rows, priced (`pricing.py`: exact money)
 - `store.py`: the storage interface; `sqlite.py`: the SQLite engine; `migrations.py`: its schema;
-  `rollups.py`: its daily rollup tables
+  `rollups.py`: its daily rollup tables (`by_endpoint.py`: the one per endpoint, and its part of the report)
 - `spill.py`: the spill file for when the store cannot be written, and `proxy ledger import`
 - `budget.py`: the paid-spend budgets counted from the ledger
 - `report.py`, `report_read.py`, `report_text.py`: the cost report, read from the rollups, printed

@@ -133,9 +133,36 @@ ALTER TABLE daily_attempts ADD COLUMN invalid_cost_nano_usd INTEGER NOT NULL DEF
 ALTER TABLE daily_attempts ADD COLUMN invalid_cost_usd REAL NOT NULL DEFAULT 0;
 """
 
+# Which OpenAI endpoint each request came to (issue 13). Every row written before it came to
+# /v1/chat/completions (the only endpoint there was), hence the default; `daily_endpoints` is
+# backfilled from the raw rows in the same transaction.
+_ENDPOINT = """
+ALTER TABLE requests ADD COLUMN endpoint TEXT NOT NULL DEFAULT 'chat/completions';
+CREATE TABLE daily_endpoints (
+    day               TEXT NOT NULL,
+    endpoint          TEXT NOT NULL,
+    calls             INTEGER NOT NULL DEFAULT 0,
+    failures          INTEGER NOT NULL DEFAULT 0,
+    cancelled         INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens     INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cached_tokens     INTEGER NOT NULL DEFAULT 0,
+    duration_ms       REAL NOT NULL DEFAULT 0,
+    cost_nano_usd     INTEGER NOT NULL DEFAULT 0,
+    cost_usd          REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, endpoint)
+) WITHOUT ROWID;
+INSERT INTO daily_endpoints
+SELECT substr(started_at, 1, 10), endpoint, count(*), sum(outcome = 'error'), sum(outcome = 'client_cancelled'),
+       coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), coalesce(sum(cached_tokens), 0),
+       total(duration_ms), sum(cost_nano_usd), sum(cost_nano_usd) / 1e9
+FROM requests GROUP BY 1, 2;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001_initial", _INITIAL),
     Migration("0002_quality", _QUALITY),
+    Migration("0003_endpoint", _ENDPOINT),
 )
 
 _CREATE_TABLE = "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"

@@ -1,4 +1,4 @@
-"""The cost report: calls, cost and savings per tier over a window, and its JSON.
+"""The cost report: calls, cost and savings per tier (and calls per endpoint) over a window, and its JSON.
 
 `report_read.py` builds it from the ledger, `report_text.py` prints it (`proxy report`).
 """
@@ -63,6 +63,20 @@ class TierReport:
 
 
 @dataclass(frozen=True, slots=True)
+class EndpointReport:
+    """The requests that came to one OpenAI endpoint (`requests.endpoint`), whoever answered."""
+
+    endpoint: str  # the path under /v1: chat/completions, responses, completions, embeddings
+    calls: int  # requests
+    errors: int  # ... with outcome error
+    client_cancelled: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost_usd: Decimal  # everything those requests cost
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     since: str
     window_start: str | None  # ISO-8601 UTC; None for `all`
@@ -84,6 +98,7 @@ class Report:
     escalated: int  # requests on route escalated
     escalated_bad_answers: int  # ... because the primary's breaker opened on bad answers
     tiers: tuple[TierReport, ...] = field(default=())
+    endpoints: tuple[EndpointReport, ...] = field(default=())  # busiest first; only those with calls
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,6 +127,7 @@ class Report:
                 "bad_answer_cost_usd": str(self.bad_answer_cost_usd),
             },
             "tiers": [_tier_json(t) for t in self.tiers],
+            "endpoints": [_endpoint_json(e) for e in self.endpoints],
         }
 
 
@@ -150,4 +166,18 @@ def _tier_json(t: TierReport) -> dict[str, Any]:
             "baseline_cost_usd": str(t.baseline_cost_usd),
             "bad_answer_cost_usd": str(t.bad_answer_cost_usd),
         },
+    }
+
+
+def _endpoint_json(e: EndpointReport) -> dict[str, Any]:
+    return {
+        "endpoint": e.endpoint,
+        "calls": e.calls,
+        "errors": e.errors,
+        "client_cancelled": e.client_cancelled,
+        "prompt_tokens": e.prompt_tokens,
+        "completion_tokens": e.completion_tokens,
+        "cached_tokens": e.cached_tokens,
+        "cost_usd": _money(e.cost_usd),
+        "exact": {"cost_usd": str(e.cost_usd)},
     }

@@ -18,9 +18,10 @@ from typing import Any
 
 import aiosqlite
 
+from proxy.ledger.by_endpoint import read_endpoints
 from proxy.ledger.migrations import pending
 from proxy.ledger.pricing import from_nano
-from proxy.ledger.report import Report, TierReport, parse_since
+from proxy.ledger.report import EndpointReport, Report, TierReport, parse_since
 from proxy.ledger.rows import bucket_ms, iso_utc, latency_bucket
 from proxy.ledger.sqlite import open_db
 
@@ -215,10 +216,11 @@ async def build_report(db_path: str | Path, since: str, *, now: float | None = N
         requests = await reader.requests()
         attempts = await reader.attempts()
         hist = await reader.histograms()
+        endpoints = await read_endpoints(reader.rows)
     finally:
         await conn.close()
     window_start = None if cutoff is None else iso_utc(cutoff)
-    return _assemble(since, window_start, iso_utc(now), requests, attempts, hist)
+    return _assemble(since, window_start, iso_utc(now), requests, attempts, hist, endpoints)
 
 
 def _assemble(
@@ -228,6 +230,7 @@ def _assemble(
     requests: dict[tuple[str, bool], _RequestTotals],
     attempts: dict[str, _AttemptTotals],
     hist: dict[tuple[str, str], dict[int, int]],
+    endpoints: tuple[EndpointReport, ...],
 ) -> Report:
     total = _RequestTotals()
     answered = free = savings = 0
@@ -260,6 +263,7 @@ def _assemble(
         escalated=total.escalated,
         escalated_bad_answers=total.escalated_bad,
         tiers=tiers,
+        endpoints=endpoints,
     )
 
 

@@ -46,6 +46,7 @@ _COLUMNS = (
 
 
 _QUALITY_COLUMNS = ("tier", "checked", "bad", "bad %", "bad cost", "escalated", "for bad answers")
+_ENDPOINT_COLUMNS = ("endpoint", "calls", "errors", "cancelled", "prompt tok", "compl tok", "cost")
 
 
 def _table(rows: Iterable[Sequence[str]], columns: Sequence[str] = _COLUMNS) -> list[str]:
@@ -88,7 +89,26 @@ def render_table(report: Report) -> str:
         )
         for t in report.tiers
     ]
-    return "\n".join([*lines, *_table(rows), *_quality_table(report)])
+    return "\n".join([*lines, *_table(rows), *_quality_table(report), *_endpoint_table(report)])
+
+
+def _endpoint_table(report: Report) -> list[str]:
+    """Requests per OpenAI endpoint (the path under /v1), whichever tier answered them."""
+    if not report.endpoints:
+        return []
+    rows = [
+        (
+            e.endpoint,
+            str(e.calls),
+            str(e.errors),
+            str(e.client_cancelled),
+            str(e.prompt_tokens),
+            str(e.completion_tokens),
+            _usd(e.cost_usd),
+        )
+        for e in report.endpoints
+    ]
+    return ["", "Requests by endpoint (/v1/...)", *_table(rows, _ENDPOINT_COLUMNS)]
 
 
 def _quality_line(report: Report) -> str:

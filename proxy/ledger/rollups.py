@@ -10,9 +10,8 @@ from typing import Any
 
 import aiosqlite
 
-from proxy.ledger.pricing import (
-    nano_to_float,
-)
+from proxy.ledger import by_endpoint
+from proxy.ledger.pricing import nano_to_float
 from proxy.ledger.rows import AttemptRow, LedgerEntry, RequestRow, latency_bucket
 from proxy.records import AttemptOutcome, CheckResult, Escalation, Outcome
 
@@ -112,6 +111,7 @@ class Rollup:
         self.usage: dict[tuple[str, str, str, int], _DayUsage] = {}
         self.attempts: dict[tuple[str, str], _DayAttempts] = {}
         self.latency: dict[tuple[str, str, str, int], int] = {}
+        self.endpoints = by_endpoint.EndpointRollup()
         for e in entries:
             self._add_request(e.request)
             for a in e.attempts:
@@ -137,6 +137,7 @@ class Rollup:
         s.checked += r.check_result is not None
         s.check_failed += r.check_result == CheckResult.FAILED.value
         s.escalated_bad += r.escalated_for == Escalation.BAD_ANSWERS.value
+        self.endpoints.add(day, r)
         if r.tier is not None:
             self._add_latency(day, tier, "duration", r.duration_ms)
             if r.ttft_ms is not None:
@@ -238,7 +239,7 @@ FROM requests WHERE tier IS NOT NULL GROUP BY 1, 2, 4;
 INSERT INTO daily_latency
 SELECT substr(started_at, 1, 10), tier, 'ttft', ledger_bucket(ttft_ms), count(*)
 FROM requests WHERE tier IS NOT NULL AND ttft_ms IS NOT NULL GROUP BY 1, 2, 4;
-"""
+{by_endpoint.REBUILD}"""
 
 
 async def rebuild_rollups(conn: aiosqlite.Connection) -> None:
@@ -272,3 +273,4 @@ def insert_rollups(conn: sqlite3.Connection, entries: Sequence[LedgerEntry]) -> 
         conn.executemany(_UPSERT_ATTEMPTS, rollup.attempt_params())
     if rollup.latency:
         conn.executemany(_UPSERT_LATENCY, rollup.latency_params())
+    conn.executemany(by_endpoint.UPSERT, rollup.endpoints.params())

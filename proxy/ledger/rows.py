@@ -21,7 +21,7 @@ from proxy.ledger.pricing import (
     nano_to_float,
     to_nano,
 )
-from proxy.records import AttemptOutcome, AttemptRecord, CallRecord, Usage, UsageSource
+from proxy.records import Api, AttemptOutcome, AttemptRecord, CallRecord, Usage, UsageSource
 
 log = logging.getLogger("proxy.ledger")
 
@@ -63,6 +63,8 @@ class RequestRow(NamedTuple):
     # before it still read: those calls were not checked.
     check_result: str | None = None  # 'passed', 'failed'; None: not checked
     escalated_for: str | None = None  # 'bad_answers', 'failures'; with route = 'escalated'
+    # Added by migration 0003: the endpoint under /v1 (`Api`). Lines from before it were all chat.
+    endpoint: str = Api.CHAT.value
 
 
 class AttemptRow(NamedTuple):
@@ -230,6 +232,7 @@ class Pricer:
             response_text=_text(rec.response_body) if keep else None,
             check_result=None if rec.check is None else str(rec.check),
             escalated_for=None if rec.escalated_for is None else str(rec.escalated_for),
+            endpoint=str(rec.api),
         )
 
 
