@@ -357,6 +357,7 @@ lines, {log.get("tracebacks")} tracebacks.
 
 {report_gate.gate_section(results)}
 {report_gate.economics_section(report_gate.load_economics())}
+{report_gate.ab_section()}
 ## Paced streams held by one core
 
 64 deltas 20 ms apart from `proxy.sim` in its own process; concurrency stepped, {plan.get("hold_s")} s

@@ -237,3 +237,25 @@ tier's retries within the same request, and a minor re-plan cannot make that up 
 |---|---|---|---|
 {checks_md}
 """
+
+
+def ab_section() -> str:
+    """`python -m bench.ab REV`'s last result (bench/results/ab.json), when there is one."""
+    path = Path(__file__).resolve().parent / "results" / "ab.json"
+    if not path.exists():
+        return ""
+    ab = json.loads(path.read_text())
+    base, head = ab["base_summary"], ab["head_summary"]
+    return f"""
+## Against an earlier commit, in one run
+
+`python -m bench.ab {ab["base"][:7]} --rounds {ab["rounds"]}` ({ab["when"]}, load average
+{" ".join(ab["loadavg"])} at the end): `proxy serve` at {ab["base"][:7]} and at {ab["head"][:7]}
+alternately, each round starting both afresh against the same nginx upstream, wrk at 1 in flight,
+4 runs of 5 s per side per round; medians of {base["samples"]:.0f} runs a side.
+
+| | {ab["base"][:7]} | {ab["head"][:7]} | change |
+|---|---|---|---|
+| latency p50, 1 in flight (ms) | {base["p50_ms"]:.3f} | {head["p50_ms"]:.3f} | {ab["p50_delta_ms"]:+.3f} |
+| proxy CPU per request (ms) | {base["cpu_ms"]:.3f} | {head["cpu_ms"]:.3f} | {ab["cpu_delta_ms"]:+.3f} |
+"""
