@@ -60,9 +60,7 @@ def shared_config(sims: SimThread, tmp_path: Path, redis: RedisServer, **section
 
 
 async def replicas(tmp_path: Path, config: dict[str, Any], n: int) -> list[ProxyProc]:
-    return list(
-        await asyncio.gather(*(start_proxy(tmp_path / f"r{i}", config, KEY_ENV) for i in range(n)))
-    )
+    return list(await asyncio.gather(*(start_proxy(tmp_path / f"r{i}", config, KEY_ENV) for i in range(n))))
 
 
 async def stop_all(procs: list[ProxyProc]) -> None:
@@ -95,9 +93,7 @@ async def test_100_concurrent_paid_calls_over_three_replicas_against_a_budget_of
     )
     procs = await replicas(tmp_path, config, 3)
     try:
-        answers = await asyncio.gather(
-            *(post(session, procs[i % 3], {"X-Complexity": "complex"}) for i in range(100))
-        )
+        answers = await asyncio.gather(*(post(session, procs[i % 3], {"X-Complexity": "complex"}) for i in range(100)))
     finally:
         await stop_all(procs)
     paid = sum(tier == "kimi" for _, tier, _ in answers)
@@ -172,3 +168,67 @@ async def test_a_breaker_opened_on_one_replica_is_open_on_the_others_and_one_pro
         assert (status, tier) == (200, "llama")
     finally:
         await stop_all(procs)
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url) as r:
+        return await r.json()
+
+
+async def metric(session: aiohttp.ClientSession, proc: ProxyProc, name: str) -> float:
+    async with session.get(f"{proc.url}/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"no {name} in /metrics")
+
+
+async def wait_shared(session: aiohttp.ClientSession, proc: ProxyProc, shared: bool, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (await get_json(session, f"{proc.url}/readyz"))["state"]["shared"] is shared:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"/readyz never said shared={shared}")
+
+
+async def test_redis_killed_under_load_fails_no_call_and_the_state_rejoins(
+    sims: SimThread, tmp_path: Path, redis_server: RedisServer, session: aiohttp.ClientSession
+) -> None:
+    sims.reset()
+    sims.sims["kimi"].always(Behaviour(headers_delay=0.02))
+    config = shared_config(sims, tmp_path, redis_server, budgets={"daily_usd": 1.0})
+    procs = await replicas(tmp_path, config, 2)
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def load(i: int) -> None:
+        while not stop.is_set():
+            status, _, _ = await post(session, procs[i % 2], {"X-Complexity": "complex"})
+            statuses.append(status)
+
+    try:
+        workers = [asyncio.create_task(load(i)) for i in range(8)]
+        await asyncio.sleep(0.5)
+        redis_server.kill()
+        await asyncio.sleep(0.8)
+        for proc in procs:
+            await wait_shared(session, proc, False)
+            assert await metric(session, proc, "proxy_state_shared") == 0.0
+            assert await metric(session, proc, "proxy_state_fallbacks_total") >= 1.0
+        redis_server.start()  # the same port, empty
+        for proc in procs:
+            await wait_shared(session, proc, True)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*workers)
+        assert await metric(session, procs[0], "proxy_state_shared") == 1.0
+        assert redis_server.command("EXISTS", "{proxy}:procs") == b":1\r\n", "the heartbeat is back"
+    finally:
+        stop.set()
+        await stop_all(procs)
+    assert statuses and set(statuses) == {200}, f"{len(statuses)} calls: {sorted(set(statuses))}"
+    for proc in procs:
+        log = proc.log_text()
+        assert log.count("is unreachable") == 1, "logged once, not per call"
+        assert log.count("answers again: shared state rejoined") == 1

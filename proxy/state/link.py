@@ -150,6 +150,8 @@ class RedisLink:
         """Ping; when it answers, the rejoin steps, then up."""
         try:
             async with asyncio.timeout(self.timeout):
+                # Connections to a server that went away are dead even if it is back: start afresh.
+                await self.client.connection_pool.disconnect()
                 await self.client.ping()
                 await self._heartbeat()
             self.up = self._rejoining = True  # the rejoin steps run their scripts through the link
