@@ -232,3 +232,26 @@ async def test_redis_killed_under_load_fails_no_call_and_the_state_rejoins(
         log = proc.log_text()
         assert log.count("is unreachable") == 1, "logged once, not per call"
         assert log.count("answers again: shared state rejoined") == 1
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        ({"url": "http://127.0.0.1:6379"}, "state.url: not a redis://"),
+        ({"url": "redis://127.0.0.1:6379", "hold_seconds": 1}, "state.hold_seconds must be above"),
+        ({"url": "redis://127.0.0.1:6379", "prefix": "a b"}, "state.prefix"),
+        ({"url": "redis://127.0.0.1:6379", "bogus": 1}, "bogus"),
+    ],
+)
+def test_the_state_section_is_checked(state: dict[str, Any], message: str) -> None:
+    from proxy.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=message):
+        build_config({"state": state}, "proxy.yaml", {})
+
+
+def test_a_redis_password_is_redacted_like_the_api_keys() -> None:
+    from proxy.config import build_config
+
+    config = build_config({"state": {"url": "redis://:s3cret-redis-pw@127.0.0.1:6379/0"}}, "proxy.yaml", {})
+    assert "s3cret-redis-pw" not in config.redactor.clean(b"x s3cret-redis-pw y").decode()
