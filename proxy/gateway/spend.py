@@ -129,3 +129,5 @@ class SpendGate:
         elif amount > ZERO:
             self.budget.release(amount)
             self.limits.release(self.key, amount)
+            if self.shared is not None:
+                self.shared.local_released()

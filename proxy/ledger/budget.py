@@ -211,6 +211,9 @@ class BudgetTracker:
     def limits(self) -> dict[str, Decimal | None]:
         return {w.name: w.limit for w in self._all}
 
+    def spent(self) -> dict[str, Decimal]:
+        return {w.name: w.spent for w in self._all}
+
     def mirror(self, spent: dict[str, Decimal], at: float) -> None:
         """Shared state (proxy/state/): the spend every process has recorded, for routing,
         headers and metrics; this process's own spend then comes back through it."""

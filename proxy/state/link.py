@@ -14,7 +14,6 @@ how many share the state: while degraded, each takes only its share of what is l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -68,6 +67,7 @@ class RedisLink:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._rejoining = False
+        self._closing = False
 
     def key(self, *parts: str) -> str:
         return ":".join((self.ns, *parts))
@@ -135,16 +135,22 @@ class RedisLink:
 
     async def close(self) -> None:
         if self._task is not None:
+            self._closing = True  # the loop ends on it (a cancel landing in redis-py may be swallowed)
+            self._wake.set()
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task], timeout=2.0)
         if self.up:
             try:
                 async with asyncio.timeout(self.timeout):
                     await self.client.zrem(self.key("procs"), self.proc_id)
             except _FAILURES:
                 pass
-        await self.client.aclose()
+        try:
+            async with asyncio.timeout(max(self.timeout, 1.0)):
+                await self.client.aclose()
+        except _FAILURES as e:
+            log.warning("state: closing the Redis connections: %s", _describe(e))
+        log.info("state: Redis link closed")
 
     async def _connect(self) -> None:
         """Ping; when it answers, the rejoin steps, then up."""
@@ -167,13 +173,15 @@ class RedisLink:
         self.error, self.since = None, time.time()
 
     async def _background(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 async with asyncio.timeout(self.spec.reconnect_seconds):
                     await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
+            if self._closing:
+                return
             if not self.up:
                 await self._connect()
                 if self.up:

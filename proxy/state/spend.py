@@ -19,7 +19,6 @@ across every process (scripts.RESERVE), and the spend per window every process r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from proxy.config import ClientKey
 from proxy.gateway.client_keys import ClientLimits, ClientSpendSource
 from proxy.ledger.budget import WINDOWS, BudgetTracker, SpendSource, next_window_start, window_start
 from proxy.ledger.pricing import from_nano, to_nano
+from proxy.ledger.store import StoreError
 from proxy.state import scripts
 from proxy.state.link import Down, RedisLink
 
@@ -53,6 +53,9 @@ class _Op:
     at: float = 0.0
 
 
+_STOP = _Op(hold="")  # the end of the queue (close)
+
+
 @dataclass
 class SharedSpend:
     link: RedisLink
@@ -69,7 +72,11 @@ class SharedSpend:
     _queue: asyncio.Queue[_Op] = field(default_factory=asyncio.Queue)
     _task: asyncio.Task[None] | None = None
 
+    def _hold_keys(self) -> list[str]:
+        return [self.link.key("holds"), self.link.key("holds", "expiry")]
+
     def __post_init__(self) -> None:
+        self._local_hold = f"{self.link.proc_id}:local"
         self._reserve = self.link.script(scripts.RESERVE)
         self._set_holds = self.link.script(scripts.SET_HOLDS)
         self._record = self.link.script(scripts.RECORD)
@@ -82,13 +89,16 @@ class SharedSpend:
         self._task = asyncio.create_task(self._drain(), name="proxy-state-spend")
 
     async def close(self) -> None:
-        """Send what is queued (bounded by the link's timeout per call), then stop."""
-        while not self._queue.empty() and self.link.up:
-            await asyncio.sleep(0.01)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Send what is queued (for up to 2 s), then stop. A marker ends the queue rather than a
+        cancel alone: a cancel that lands while redis-py handles a timeout can be swallowed."""
+        task = self._task
+        if task is None:
+            return
+        self._queue.put_nowait(_STOP)
+        done, _ = await asyncio.wait([task], timeout=2.0)
+        if not done:
+            task.cancel()
+            await asyncio.wait([task], timeout=1.0)
 
     # ------------------------------------------------------------------ the request path
 
@@ -109,7 +119,7 @@ class SharedSpend:
             if reply[0] == -1:
                 await self._seed(at)
                 reply = await self.link.run(self._reserve, keys, args)
-        except Down:
+        except (Down, StoreError):  # StoreError: no seed from the ledger: this process decides
             return "down", None
         ok, spent, held, cspent, cheld = reply[0], reply[1:4], reply[4], reply[5], reply[6]
         self.known = {w: from_nano(int(s)) for w, s in zip(WINDOWS, spent, strict=True)}
@@ -141,6 +151,8 @@ class SharedSpend:
     async def _drain(self) -> None:
         while True:
             op = await self._queue.get()
+            if op is _STOP:
+                return
             if not self.link.up:
                 if op.hold is None:
                     self._local(op)
@@ -151,9 +163,11 @@ class SharedSpend:
                     await self.link.run(self._set_holds, keys, [op.hold, op.amount])
                 else:
                     await self._push(op)
-            except Down:
+            except (Down, StoreError) as e:  # StoreError: the ledger could not seed a counter
                 if op.hold is None:
                     self._local(op)
+                if isinstance(e, StoreError):
+                    log.error("state: cannot seed the shared spend from the ledger: %s; counted locally", e)
 
     async def _push(self, op: _Op) -> None:
         keys = self._spend_keys(op.at)
@@ -191,12 +205,29 @@ class SharedSpend:
     def _adopt_share(self) -> None:
         share = 1.0 / max(self.link.peers, 1)
         now = datetime.now(UTC).timestamp()
-        if self.known:
-            self.budget.adopt_share(self.known, self.known_held, share, now)
+        # Nothing heard yet: the spend the ledger had at start (or the last mirror), holds unknown.
+        self.budget.adopt_share(self.known or self.budget.spent(), self.known_held, share, now)
         self.limits.adopt_share(self.known_clients, self.caps, share, now)
 
+    def local_released(self) -> None:
+        """A hold made while Redis was lost ended: shrink this process's aggregate hold in Redis."""
+        if self.link.up:
+            self._queue.put_nowait(_Op(hold=self._local_hold, amount=to_nano(self.budget.reserved)))
+
     async def _rejoin(self) -> None:
-        """Before the link is up again: what was recorded while it was down reaches Redis once."""
+        try:
+            await self._resync()
+        except StoreError as e:
+            raise Down(f"cannot seed the shared spend from the ledger: {e}") from e
+
+    async def _resync(self) -> None:
+        """Before the link is up again: what was recorded while it was down reaches Redis once, and
+        the holds made meanwhile (still in flight) are held there too, as one aggregate hold."""
+        if self.budget.reserved > 0:
+            hold = [self._local_hold, to_nano(self.budget.reserved), "", -1, -1, -1, -1]
+            keys = [*self._spend_keys(datetime.now(UTC).timestamp()), *self._hold_keys()]
+            await self._seed(datetime.now(UTC).timestamp())
+            await self.link.run(self._reserve, keys, [*hold, int(self.link.spec.hold_seconds * 1000)])
         if self.unsynced:
             daily = self._spend_keys(datetime.now(UTC).timestamp())[0]
             kept = await self.link.call(lambda: self.link.client.exists(daily))
