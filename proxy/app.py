@@ -50,6 +50,9 @@ def create_app(
     if state.ledger is not None:
         # Registered first so it is torn down last: the queue drains after the last request.
         app.cleanup_ctx.append(functools.partial(_ledger, required=require_ledger))
+    if config.state.url is not None:
+        # After the ledger (it seeds the shared spend), so torn down before it: its queue is sent first.
+        app.cleanup_ctx.append(_shared_state)
     app.cleanup_ctx.append(_upstream_session)
     if config_path is not None:
         state.config_path = config_path
@@ -130,6 +133,22 @@ async def _load_spend(state: ProxyState, ledger: Ledger, *, required: bool) -> N
             if required:
                 raise
             log.error("ledger: cannot load %s from %s: %s; counting from 0", what, ledger.store.location, e)
+
+
+async def _shared_state(app: web.Application) -> AsyncIterator[None]:
+    from proxy.state.shared import SharedState  # only with state.url: redis is not imported otherwise
+
+    state = app[STATE]
+    shared = SharedState(state.config, state.budget, state.limits, state.breakers)
+    await shared.start(state.ledger)
+    state.shared = shared
+    state.failover.shared = shared.breakers
+    try:
+        yield
+    finally:
+        state.failover.shared = None
+        await shared.close()
+        state.shared = None
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:

@@ -20,6 +20,7 @@ from proxy.config.schema import (
     RetrySpec,
     RoutingSpec,
     ServerSpec,
+    StateSpec,
     TierSpec,
 )
 
@@ -39,6 +40,7 @@ __all__ = [
     "RetrySpec",
     "RoutingSpec",
     "ServerSpec",
+    "StateSpec",
     "Tier",
     "TierSpec",
     "Transport",

@@ -154,6 +154,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         raise ConfigError(f"{source}: {e}") from None
     warnings += mapped_to_unusable(names, {t.id for t in tiers if t.usable})
     secrets = [t.api_key for t in tiers] + [_password(t.transport.http_proxy) for t in tiers]
+    secrets.append(_state(source, spec))
     client_keys = _client_keys(source, spec.auth, env, warnings, secrets)
     return Config(
         source=source,
@@ -170,6 +171,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         client_keys=client_keys,
         redactor=Redactor(secrets),
         cors=_cors(source, spec),
+        state=spec.state,
     )
 
 
@@ -257,6 +259,23 @@ def _cors(source: str, spec: FileSpec) -> Cors:
         return cors_policy(spec.server.cors, keys=bool(spec.auth.keys))
     except ValueError as e:
         raise ConfigError(f"{source}: server.cors: {e}") from None
+
+
+def _state(source: str, spec: FileSpec) -> str | None:
+    """Checks `state:`; its password (to redact), if the url has one."""
+    st = spec.state
+    if st.url is None:
+        return None
+    parts = urlsplit(st.url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"{source}: state.url: not a redis://, rediss:// or unix:// URL (e.g. redis://127.0.0.1:6379/0)"
+        )
+    if not st.prefix or any(c in st.prefix for c in " {}"):
+        raise ConfigError(f"{source}: state.prefix: must be non-empty, without spaces or braces")
+    if st.hold_seconds <= spec.retries.request_deadline_seconds:
+        raise ConfigError(f"{source}: state.hold_seconds must be above retries.request_deadline_seconds")
+    return parts.password
 
 
 def _password(url: str | None) -> str | None:

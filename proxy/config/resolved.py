@@ -15,6 +15,7 @@ from proxy.config.schema import (
     RetrySpec,
     RoutingSpec,
     ServerSpec,
+    StateSpec,
 )
 from proxy.gateway.redact import Redactor
 from proxy.records import Api
@@ -119,6 +120,7 @@ class Config:
     # Every tier key and client-key secret, to be removed from what upstreams send back.
     redactor: Redactor = field(default_factory=Redactor, repr=False, compare=False)
     cors: Cors = field(default_factory=Cors)
+    state: StateSpec = field(default_factory=StateSpec)  # state.url: shared in Redis (proxy/state/)
 
     def tier(self, tier_id: str) -> Tier:
         for t in self.tiers:

@@ -144,6 +144,19 @@ class BudgetSpec(Strict, frozen=True):
     reserve_output_tokens: AtLeastOne = 4096
 
 
+class StateSpec(Strict, frozen=True):
+    """Where breakers, budgets and client limits live: in the process (no url) or in Redis/Valkey,
+    shared by every process and machine that names the same url and prefix (proxy/state/)."""
+
+    url: str | None = None  # redis://[:password@]host:port/db, rediss://..., unix:///path.sock
+    prefix: str = "proxy"  # every key is {prefix}:...; two proxies sharing a Redis need two prefixes
+    # Each Redis call; past it (or on any error) the process uses its own state until Redis answers again.
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 250
+    reconnect_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 1.0  # the background retry and heartbeat
+    # A reservation not settled by then is dropped (its process died holding it); above the request deadline.
+    hold_seconds: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+
+
 class QualitySpec(Strict, frozen=True):
     """The quality gate: which 200 answers count as bad, hence as failed attempts."""
 
@@ -202,3 +215,4 @@ class FileSpec(Strict, frozen=True):
     budgets: BudgetSpec = BudgetSpec()
     quality: QualitySpec = QualitySpec()
     auth: AuthSpec = AuthSpec()
+    state: StateSpec = StateSpec()

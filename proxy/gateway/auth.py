@@ -8,8 +8,6 @@ them without a key.
 
 from __future__ import annotations
 
-import time
-
 from aiohttp import web
 
 from proxy.gateway.client_io import Handler
@@ -30,7 +28,7 @@ async def client_keys(request: web.Request, handler: Handler) -> web.StreamRespo
         state = request.app[STATE]
         key = authenticate(state.config, request.headers.get("Authorization"))
         if key is not None:
-            state.limits.admit(key, time.monotonic())
+            await state.admit(key)
             request[CLIENT_KEY] = key
     elif (path == _METRICS and not request.app[STATE].config.server.public_metrics) or (
         path == _READYZ and "Authorization" in request.headers

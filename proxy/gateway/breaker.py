@@ -54,6 +54,7 @@ class Ticket:
 
     epoch: int
     probe: bool = False  # the half-open probe of its open period
+    shared: bool = False  # issued by the shared breaker in Redis (proxy/state/breakers.py)
 
 
 @dataclass(slots=True)

@@ -57,26 +57,38 @@ class ClientLimits:
     buckets: dict[str, _Bucket] = field(default_factory=dict)
     spend: dict[str, _Spend] = field(default_factory=dict)
     reserved: dict[str, Decimal] = field(default_factory=dict)  # worst case of each key's paid calls in flight
+    # While shared state (proxy/state/) is lost: this process's share of each key's rate and of
+    # what is left of its daily cap; 1.0 otherwise.
+    share: float = 1.0
 
     def admit(self, key: ClientKey | None, now: float) -> None:
         """Take one request from the key's bucket, or raise 429 saying when to come back."""
         if key is None or key.requests_per_minute is None:
             return
-        rate = key.requests_per_minute / 60.0
+        cap = key.requests_per_minute * self.share
+        rate = cap / 60.0
         bucket = self.buckets.get(key.name)
         if bucket is None:
-            bucket = self.buckets[key.name] = _Bucket(float(key.requests_per_minute), now)
-        bucket.tokens = min(float(key.requests_per_minute), bucket.tokens + (now - bucket.updated) * rate)
+            bucket = self.buckets[key.name] = _Bucket(cap, now)
+        bucket.tokens = min(cap, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
         if bucket.tokens < 1.0:
-            wait = math.ceil((1.0 - bucket.tokens) / rate)
-            raise RateLimited(
-                f"Rate limit for client {key.name!r} reached: {key.requests_per_minute} requests per minute. "
-                f"Retry after {wait} s.",
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(wait)},
-            )
+            raise rate_limited(key, math.ceil((1.0 - bucket.tokens) / rate))
         bucket.tokens -= 1.0
+
+    def mirror(self, client: str, spent: Decimal, at: float) -> None:
+        """The key's spend today as every process recorded it (shared state)."""
+        self._current(client, at).spent = spent
+
+    def adopt_share(self, known: dict[str, Decimal], caps: dict[str, Decimal], share: float, at: float) -> None:
+        """Shared state lost: each key's spend + holds as last known, plus the part of what was
+        left that other processes may spend (so this one gets `share` of it)."""
+        self.share = share
+        for client, used in known.items():
+            cap = caps.get(client)
+            left = max(cap - used, _ZERO) if cap is not None else _ZERO
+            self._current(client, at).spent = used + left * (1 - Decimal(str(share)))
+        self.reserved.clear()
 
     def check_spend(self, key: ClientKey | None, now: float) -> None:
         if key is None or key.daily_usd is None:
@@ -134,6 +146,15 @@ class ClientLimits:
         if entry is None or entry.day != day:
             entry = self.spend[client] = _Spend(day)
         return entry
+
+
+def rate_limited(key: ClientKey, wait: int) -> RateLimited:
+    return RateLimited(
+        f"Rate limit for client {key.name!r} reached: {key.requests_per_minute} requests per minute. "
+        f"Retry after {wait} s.",
+        code="rate_limit_exceeded",
+        headers={"Retry-After": str(wait)},
+    )
 
 
 def _day(at: float) -> str:

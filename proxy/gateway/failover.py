@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proxy.config import RetrySpec, Tier
 from proxy.errors import ProxyError
@@ -32,6 +32,9 @@ from proxy.gateway.routing import Plan
 from proxy.gateway.upstream import Reply
 from proxy.records import AttemptOutcome, AttemptRecord
 
+if TYPE_CHECKING:
+    from proxy.state.breakers import SharedBreakers
+
 log = logging.getLogger("proxy.failover")
 
 SendAttempt = Callable[[Tier, AttemptRecord, float], Awaitable[Reply]]
@@ -41,7 +44,7 @@ class SpendHolds(Protocol):
     """What the loop needs of the money gate (gateway/spend.py): a priced attempt is sent only
     once its worst case is held, and holds only what it cost once it is over."""
 
-    def reserve(self, tier: Tier, n: int) -> bool: ...
+    async def reserve(self, tier: Tier, n: int) -> bool: ...
 
     def settle(self, tier: Tier, rec: AttemptRecord) -> None: ...
 
@@ -79,6 +82,7 @@ class Failover:
     rng: random.Random
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    shared: SharedBreakers | None = None  # state.url: the breakers live in Redis (proxy/state/)
 
     async def run(
         self,
@@ -97,7 +101,7 @@ class Failover:
         for tier in plan.chain:
             if await self._tier(tier, plan, send, result, walk, deadline, spend):
                 return result
-        return self._exhausted(plan, result, walk, spend)
+        return await self._exhausted(plan, result, walk, spend)
 
     async def _tier(
         self,
@@ -123,12 +127,20 @@ class Failover:
             # After a bad answer the tier is up and this request is owed its retry there, even if
             # that answer just opened the breaker (the retry does not count for the breaker).
             asked_again = bool(tries) and result.attempts[-1].outcome is AttemptOutcome.INVALID_OUTPUT
-            ticket = breaker.acquire(self.clock(), last_resort=plan.all_open or asked_again)
+            last_resort = plan.all_open or asked_again
+            shared = self.shared
+            if shared is None:
+                ticket = breaker.acquire(self.clock(), last_resort=last_resort)
+            else:
+                ticket = await shared.acquire(tier.id, self.clock(), last_resort=last_resort)
             if ticket is None:  # open, or its half-open probe is out
                 return False
             n = len(result.attempts) + 1
-            if spend is not None and not spend.reserve(tier, n):
-                breaker.on_neutral(ticket)
+            if spend is not None and not await spend.reserve(tier, n):
+                if shared is None:
+                    breaker.on_neutral(ticket)
+                else:
+                    await shared.on_neutral(tier.id, ticket)
                 result.over_budget.append(tier.id)
                 return False
             rec = AttemptRecord(n=n, tier=tier.id, model=tier.model, started_at=time.time())
@@ -139,12 +151,15 @@ class Failover:
             except BaseException:
                 # An attempt that never finished (client gone, a bug) must not keep the
                 # breaker's half-open probe slot forever.
-                breaker.on_neutral(ticket)
+                if shared is None:
+                    breaker.on_neutral(ticket)
+                else:
+                    shared.neutral_soon(tier.id, ticket)
                 raise
             if spend is not None and not reply.committed:
                 spend.settle(tier, rec)
             v = verdict(rec)
-            self._update_breaker(tier, breaker, ticket, rec, v)
+            await self._update_breaker(tier, breaker, ticket, rec, v)
             walk.tickets[tier.id] = (breaker, ticket)
             if v is Verdict.OK or reply.committed:
                 result.tier, result.reply, result.answered = tier, reply, rec
@@ -175,7 +190,7 @@ class Failover:
             return rec.http_status in (429, 503) and reply.retry_after is not None
         return True
 
-    def _exhausted(self, plan: Plan, result: ChainResult, walk: _Walk, spend: SpendHolds | None) -> ChainResult:
+    async def _exhausted(self, plan: Plan, result: ChainResult, walk: _Walk, spend: SpendHolds | None) -> ChainResult:
         if walk.bad_answer is not None:
             # The proxy stays transparent: the last bad answer, as it came, marked as failed.
             result.tier, result.reply, result.answered = walk.bad_answer
@@ -190,7 +205,10 @@ class Failover:
         now = self.clock()
         for tier_id in outage_tiers(result.attempts) if self.breakers.open_on_outage else ():
             breaker, ticket = walk.tickets[tier_id]
-            breaker.trip(ticket, now)
+            if self.shared is None:
+                breaker.trip(ticket, now)
+            else:
+                await self.shared.trip(tier_id, ticket, now)
         headers = retry_after(plan.chain, self.breakers, walk.ready_at, now)
         if not result.attempts:
             result.error = all_open(headers)
@@ -208,15 +226,26 @@ class Failover:
             return None
         return delay
 
-    def _update_breaker(self, tier: Tier, breaker: Breaker, ticket: Ticket, rec: AttemptRecord, v: Verdict) -> None:
+    async def _update_breaker(
+        self, tier: Tier, breaker: Breaker, ticket: Ticket, rec: AttemptRecord, v: Verdict
+    ) -> None:
         # The ticket says whether this result still counts (see breaker.py): an attempt that
         # started before the breaker opened must neither close it nor extend its cooldown.
-        if v is Verdict.OK:
+        shared = self.shared
+        bad = rec.outcome is AttemptOutcome.INVALID_OUTPUT
+        if shared is not None:
+            if v is Verdict.OK:
+                await shared.on_success(tier.id, ticket)
+            elif v is Verdict.REFUSED:
+                await shared.on_neutral(tier.id, ticket)
+            else:
+                await shared.on_failure(tier.id, ticket, self.clock(), bad_answer=bad)
+        elif v is Verdict.OK:
             breaker.on_success(ticket)
         elif v is Verdict.REFUSED:
             breaker.on_neutral(ticket)
         else:
-            breaker.on_failure(ticket, self.clock(), bad_answer=rec.outcome is AttemptOutcome.INVALID_OUTPUT)
+            breaker.on_failure(ticket, self.clock(), bad_answer=bad)
         if rec.http_status in (401, 403):
             log.error(
                 "tier %s rejected the proxy's API key (HTTP %s): check %s; not retrying this tier",

@@ -143,7 +143,7 @@ async def _handle(request: web.Request, state: ProxyState, rec: CallRecord, clos
     targets = state.targets  # a reload mid-request must not change where its attempts go
     committed: list[web.StreamResponse] = []
     ceiling = output_ceiling(chat.payload, state.config.budgets.reserve_output_tokens)
-    spend = close.spend = SpendGate(state.budget, state.limits, key, chat.size, ceiling)
+    spend = close.spend = state.spend_gate(key, chat.size, ceiling)
 
     async def commit(tier: Tier, arec: AttemptRecord) -> web.StreamResponse:
         rec.tier, rec.model, rec.ttft_ms = tier.id, arec.model, arec.ttft_ms

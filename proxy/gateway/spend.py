@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import ClientKey, Price, Tier
 from proxy.errors import ProxyError, RateLimited
@@ -26,6 +26,9 @@ from proxy.gateway.client_keys import ClientLimits
 from proxy.ledger.budget import BudgetTracker
 from proxy.ledger.pricing import ZERO, attempt_cost_usd
 from proxy.records import AttemptRecord
+
+if TYPE_CHECKING:
+    from proxy.state.spend import SharedSpend
 
 _MTOK = Decimal(1_000_000)
 
@@ -53,15 +56,25 @@ class SpendGate:
     key: ClientKey | None
     prompt_bytes: int
     output_tokens: int
+    shared: SharedSpend | None = None  # state.url: the holds live in Redis (proxy/state/spend.py)
     held: dict[int, Decimal] = field(default_factory=dict)  # attempt number -> amount held
+    holds: dict[int, str] = field(default_factory=dict)  # attempt number -> its hold in Redis
     refused_by: str | None = None  # "budget" or "client": why a priced tier was left out
 
-    def reserve(self, tier: Tier, n: int) -> bool:
+    async def reserve(self, tier: Tier, n: int) -> bool:
         """Hold the worst case of attempt `n` on `tier`; False: the tier is over budget."""
         amount = worst_case_usd(tier.price, self.prompt_bytes, self.output_tokens)
         if amount <= ZERO:
             return True
         now = time.time()
+        if self.shared is not None and self.shared.link.up:
+            verdict, hold = await self.shared.reserve(self.key, amount, now)
+            if hold is not None:
+                self.held[n], self.holds[n] = amount, hold
+                return True
+            if verdict != "down":
+                self.refused_by = verdict
+                return False
         if not self.budget.reserve(amount, now):
             self.refused_by = "budget"
             return False
@@ -74,7 +87,7 @@ class SpendGate:
 
     def unhold(self, n: int) -> None:
         """Attempt `n` was not sent after all."""
-        self._give_back(self.held.pop(n, ZERO))
+        self._give_back(n, self.held.pop(n, ZERO))
 
     def settle(self, tier: Tier, rec: AttemptRecord) -> None:
         """An attempt is over (and was not a committed stream): hold only what it cost."""
@@ -82,14 +95,19 @@ class SpendGate:
         if held is None:
             return
         cost = min(attempt_cost_usd(rec, tier.price), held)
-        self._give_back(held - cost)
+        hold = self.holds.get(rec.n)
+        if hold is not None and self.shared is not None:
+            self.shared.settle(hold, cost)
+        else:
+            self._give_back(rec.n, held - cost)
         self.held[rec.n] = cost
 
     def release(self) -> None:
         """The request's real cost has been recorded: let go of every hold."""
-        for amount in self.held.values():
-            self._give_back(amount)
+        for n, amount in self.held.items():
+            self._give_back(n, amount)
         self.held.clear()
+        self.holds.clear()
 
     def refusal(self) -> ProxyError:
         """The error when every tier left was refused for spend."""
@@ -104,7 +122,12 @@ class SpendGate:
             headers={"Retry-After": str(wait)},
         )
 
-    def _give_back(self, amount: Decimal) -> None:
-        if amount > ZERO:
+    def _give_back(self, n: int, amount: Decimal) -> None:
+        hold = self.holds.pop(n, None)
+        if hold is not None and self.shared is not None:
+            self.shared.release(hold)
+        elif amount > ZERO:
             self.budget.release(amount)
             self.limits.release(self.key, amount)
+            if self.shared is not None:
+                self.shared.local_released()

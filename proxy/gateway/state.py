@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -18,11 +19,15 @@ from proxy.gateway.breaker import BreakerBoard
 from proxy.gateway.client_keys import ClientLimits
 from proxy.gateway.failover import Failover
 from proxy.gateway.quality import QualityGate
+from proxy.gateway.spend import SpendGate
 from proxy.gateway.target import Target
 from proxy.ledger import Ledger
 from proxy.ledger.budget import BudgetTracker
 from proxy.ops.metrics import Metrics, Snapshot
 from proxy.records import CallRecord
+
+if TYPE_CHECKING:
+    from proxy.state.shared import SharedState
 
 
 @dataclass(slots=True)
@@ -38,6 +43,7 @@ class ProxyState:
     limits: ClientLimits = field(default_factory=ClientLimits)
     targets: dict[str, Target] = field(default_factory=dict)  # tier -> where its attempts go
     config_path: str | None = None  # reloaded on SIGHUP when set
+    shared: SharedState | None = None  # state.url: breakers, budgets and client limits in Redis (app start)
     # Request ids: a random per-process prefix and a counter; as unique as uuid4, without a
     # getrandom() system call per request.
     id_prefix: str = field(default_factory=lambda: os.urandom(8).hex())
@@ -72,8 +78,11 @@ class ProxyState:
 
     def count_cost(self, cost: Decimal, rec: CallRecord) -> None:
         """What the ledger priced: toward the budgets, the client's daily cap and the cost metric."""
-        self.budget.record(cost, rec.started_at)
-        self.limits.record(rec.client, cost, rec.started_at)
+        if self.shared is not None:
+            self.shared.spend.record(cost, rec.client, rec.started_at)  # once, by this process
+        else:
+            self.budget.record(cost, rec.started_at)
+            self.limits.record(rec.client, cost, rec.started_at)
         self.metrics.add_cost(rec.tier or (rec.attempts[-1].tier if rec.attempts else "none"), cost)
 
     def snapshot(self) -> Snapshot:
@@ -82,7 +91,19 @@ class ProxyState:
             budget_remaining_usd=self.budget.remaining(time.time()),
             ledger=self.ledger.stats if self.ledger is not None else None,
             tiers=[t.id for t in self.config.tiers],
+            state=self.shared.status() if self.shared is not None else None,
         )
+
+    async def admit(self, key: ClientKey) -> None:
+        """The key's requests_per_minute (the client_keys middleware)."""
+        if self.shared is None:
+            self.limits.admit(key, time.monotonic())
+        else:
+            await self.shared.admit(key)
+
+    def spend_gate(self, key: ClientKey | None, prompt_bytes: int, output_tokens: int) -> SpendGate:
+        shared = self.shared.spend if self.shared is not None else None
+        return SpendGate(self.budget, self.limits, key, prompt_bytes, output_tokens, shared=shared)
 
     def http(self) -> aiohttp.ClientSession:
         if self.session is None:

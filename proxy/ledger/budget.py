@@ -208,6 +208,33 @@ class BudgetTracker:
         """Give back a reservation, once the attempt's real cost has been `record`ed."""
         self.reserved = max(self.reserved - amount, ZERO)
 
+    def limits(self) -> dict[str, Decimal | None]:
+        return {w.name: w.limit for w in self._all}
+
+    def spent(self) -> dict[str, Decimal]:
+        return {w.name: w.spent for w in self._all}
+
+    def mirror(self, spent: dict[str, Decimal], at: float) -> None:
+        """Shared state (proxy/state/): the spend every process has recorded, for routing,
+        headers and metrics; this process's own spend then comes back through it."""
+        for w in self._all:
+            if w.name in spent:
+                w.current(at)
+                w.spent = spent[w.name]
+                w.check()
+
+    def adopt_share(self, known: dict[str, Decimal], held: Decimal, share: float, at: float) -> None:
+        """Shared state lost: from now on this process alone decides, so it takes `share` of
+        what was left when it last heard (spend and every process's holds counted as spent)."""
+        for w in self._all:
+            if w.name not in known:
+                continue
+            w.current(at)
+            used = known[w.name] + held
+            left = max(w.limit - used, ZERO) if w.limit is not None else ZERO
+            w.spent = used + left * (1 - Decimal(str(share)))
+        self.reserved = ZERO
+
     def paid_allowed(self, now: float) -> bool:
         return all(w.state(now).remaining > ZERO for w in self._windows)
 

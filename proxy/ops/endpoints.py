@@ -34,6 +34,12 @@ async def get_readyz(request: web.Request) -> web.Response:
     ready = bool(state.config.usable_tiers) and state.session is not None
     status = 200 if ready else 503
     doc: dict[str, object] = {"status": "ready" if ready else "not_ready"}
+    if state.shared is not None:
+        # Still ready while Redis is lost (calls are served on this process's own state); said here.
+        st = state.shared.status()
+        doc["state"] = {"backend": st.backend, "shared": st.shared, "since": st.since, "fallbacks": st.fallbacks}
+        if not st.shared:
+            doc["state"]["error"] = st.error  # type: ignore[index]
     if state.config.auth_required and CLIENT_KEY not in request:
         return web.json_response(doc, status=status)
     now = time.monotonic()

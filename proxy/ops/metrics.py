@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -21,6 +22,9 @@ from prometheus_client.process_collector import ProcessCollector
 from proxy.gateway.breaker import BreakerState
 from proxy.ledger import LedgerStats
 from proxy.records import AttemptOutcome, CallRecord, Outcome, Route
+
+if TYPE_CHECKING:
+    from proxy.state.shared import StateStatus
 
 NO_TIER = "none"  # the tier label of a request no tier answered
 
@@ -47,6 +51,7 @@ class Snapshot:
     budget_remaining_usd: Decimal | None  # None: no budget configured
     ledger: LedgerStats | None  # None: no ledger
     tiers: Sequence[str]  # every configured tier, so its gauges exist before its first request
+    state: StateStatus | None = None  # None: state.url is not set (state in the process)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +192,8 @@ class _SnapshotCollector:
             metrics.append(_budget(snap.budget_remaining_usd))
         if snap.ledger is not None:
             metrics.extend(_ledger(snap.ledger))
+        if snap.state is not None:
+            metrics.extend(_state(snap.state))
         return metrics
 
     def _costs(self, tiers: Sequence[str]) -> Metric:
@@ -229,6 +236,18 @@ def _ledger(stats: LedgerStats) -> list[Metric]:
         CounterMetricFamily("proxy_ledger_spilled", "Requests appended to the spill file instead.", value=s.spilled),
         CounterMetricFamily("proxy_ledger_imported", "Requests imported from a spill file at start.", value=s.imported),
         CounterMetricFamily("proxy_ledger_failed", "Requests lost: neither written nor spilled.", value=s.failed),
+    ]
+
+
+def _state(st: StateStatus) -> list[Metric]:
+    return [
+        GaugeMetricFamily(
+            "proxy_state_shared",
+            "1 while breakers, budgets and client limits are shared in Redis; 0 while this process uses its own.",
+            value=1.0 if st.shared else 0.0,
+        ),
+        CounterMetricFamily("proxy_state_fallbacks", "Times Redis was lost (fell back).", value=st.fallbacks),
+        GaugeMetricFamily("proxy_state_processes", "Processes sharing the state (last heartbeat).", value=st.processes),
     ]
 
 
