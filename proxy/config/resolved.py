@@ -119,6 +119,8 @@ class Config:
     # Every tier key and client-key secret, to be removed from what upstreams send back.
     redactor: Redactor = field(default_factory=Redactor, repr=False, compare=False)
     cors: Cors = field(default_factory=Cors)
+    # The PostgreSQL ledger's password (`ledger.password_env`), never printed.
+    ledger_password: str | None = field(default=None, repr=False, compare=False)
 
     def tier(self, tier_id: str) -> Tier:
         for t in self.tiers:
