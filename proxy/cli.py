@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(serve)
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
-    serve.add_argument("--db", help="ledger SQLite file (default: ledger.path, ./ledger.db)")
+    serve.add_argument("--db", help="ledger SQLite file or postgresql:// URL (default: ledger.url or ledger.path)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="one line per request; json for log shippers"

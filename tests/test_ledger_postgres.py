@@ -311,3 +311,11 @@ async def test_copy_twice_equals_once(pg_url: str, tmp_path: Path) -> None:
 def test_copy_refuses_missing_source(pg_url: str, tmp_path: Path) -> None:
     code, text = copy_main(build_config({}, "t", {}), str(tmp_path / "nope.db"), pg_url)
     assert code == 1 and "no such ledger file" in text
+
+
+def test_report_from_postgres_says_not_yet(pg_url: str) -> None:
+    from proxy.ledger.report_text import report_main
+
+    code, text = report_main(pg_url, "24h", False)
+    assert code == 1 and "not read from PostgreSQL yet" in text
+    assert pg_url.split(":")[2].split("@")[0] not in text  # the password
