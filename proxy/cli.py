@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(serve)
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
-    serve.add_argument("--db", help="ledger SQLite file (default: ledger.path, ./ledger.db)")
+    serve.add_argument("--db", help="ledger SQLite file or postgresql:// URL (default: ledger.url or ledger.path)")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="one line per request; json for log shippers"
@@ -49,8 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     ledger = sub.add_parser("ledger", help="ledger maintenance")
     ledger_sub = ledger.add_subparsers(dest="ledger_command", required=True)
     imp = ledger_sub.add_parser("import", help="import rows spilled to the JSON-lines file back into SQLite")
-    imp.add_argument("--db", default=None, help="ledger SQLite file")
+    imp.add_argument("--db", default=None, help="ledger SQLite file or postgresql:// URL (default: from the config)")
     _config_arg(imp)
+    cp = ledger_sub.add_parser("copy", help="copy a SQLite ledger into PostgreSQL (or another file); idempotent")
+    cp.add_argument("--from", dest="source", required=True, help="the SQLite ledger file to read (not modified)")
+    cp.add_argument("--to", dest="dest", required=True, help="postgresql://user@host/db, or another SQLite file")
+    _config_arg(cp)
     return parser
 
 
@@ -93,10 +97,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             code, text = report_main(_db_path(args), args.since, args.json)
             print(text)
             return code
+        if args.command == "ledger" and args.ledger_command == "copy":
+            from proxy.ledger.copy import copy_main
+
+            code, text = copy_main(_load(args.config), args.source, args.dest)
+            print(text)
+            return code
         if args.command == "ledger":
             from proxy.ledger.spill import import_main
 
-            code, text = import_main(_db_path(args))
+            code, text = import_main(args.db, _load(args.config))
             print(text)
             return code
     except ConfigError as e:

@@ -22,7 +22,7 @@ import yaml
 from proxy.config.names import BadModelName, TierNames, mapped_to_unusable, resolve_names
 from proxy.config.origins import cors_policy
 from proxy.config.resolved import ClientKey, Config, Cors, Price, Tier, Transport, held_back
-from proxy.config.schema import HELD_BACK_HEADERS, AuthSpec, FileSpec, PriceSpec, TierSpec
+from proxy.config.schema import HELD_BACK_HEADERS, AuthSpec, FileSpec, LedgerSpec, PriceSpec, TierSpec
 from proxy.config.strategic_planner import PLANNER_KEYS, apply_planner_block
 from proxy.gateway.redact import Redactor
 from proxy.records import Api
@@ -153,8 +153,10 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
     except BadModelName as e:
         raise ConfigError(f"{source}: {e}") from None
     warnings += mapped_to_unusable(names, {t.id for t in tiers if t.usable})
+    ledger_password = _ledger_password(source, spec.ledger, env)
     secrets = [t.api_key for t in tiers] + [_password(t.transport.http_proxy) for t in tiers]
     secrets.append(_state(source, spec))
+    secrets += [ledger_password, _password(spec.ledger.url)]
     client_keys = _client_keys(source, spec.auth, env, warnings, secrets)
     return Config(
         source=source,
@@ -172,7 +174,26 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         redactor=Redactor(secrets),
         cors=_cors(source, spec),
         state=spec.state,
+        ledger_password=ledger_password,
     )
+
+
+def _ledger_password(source: str, ledger: LedgerSpec, env: Mapping[str, str]) -> str | None:
+    """Check `ledger.url` and read the password `ledger.password_env` names."""
+    if ledger.url is not None:
+        parts = urlsplit(ledger.url)
+        if parts.scheme not in ("postgresql", "postgres") or not (parts.hostname or parts.path.strip("/")):
+            raise ConfigError(
+                f"{source}: ledger.url: not a PostgreSQL URL (expected e.g. postgresql://proxy@db.internal:5432/proxy)"
+            )
+    if ledger.password_env is None:
+        return None
+    if ledger.url is None:
+        raise ConfigError(f"{source}: ledger.password_env is set but ledger.url is not")
+    password = env.get(ledger.password_env)
+    if not password:
+        raise ConfigError(f"{source}: ledger.password_env: environment variable {ledger.password_env} is not set")
+    return password
 
 
 def _client_keys(

@@ -121,6 +121,8 @@ class Config:
     redactor: Redactor = field(default_factory=Redactor, repr=False, compare=False)
     cors: Cors = field(default_factory=Cors)
     state: StateSpec = field(default_factory=StateSpec)  # state.url: shared in Redis (proxy/state/)
+    # The PostgreSQL ledger's password (`ledger.password_env`), never printed.
+    ledger_password: str | None = field(default=None, repr=False, compare=False)
 
     def tier(self, tier_id: str) -> Tier:
         for t in self.tiers:

@@ -128,7 +128,11 @@ class AuthSpec(Strict, frozen=True):
 
 
 class LedgerSpec(Strict, frozen=True):
+    # SQLite: the ledger file. With `url`: the base of the local spill file and journal only.
     path: str = "ledger.db"
+    # postgresql://user@host:5432/db: the ledger on PostgreSQL instead of the file (docs/ledger.md).
+    url: str | None = None
+    password_env: str | None = None  # the PostgreSQL password, from this environment variable
     store_text: bool = False
     batch_size: AtLeastOne = 500
     busy_timeout_ms: Annotated[int, msgspec.Meta(ge=0)] = 2000  # wait this long for a lock before retrying

@@ -5,6 +5,8 @@ back from it (reports, budgets).
 - `rows.py`: a CallRecord as rows, priced (`pricing.py`: exact money)
 - `store.py`: the storage interface; `sqlite.py`: the SQLite engine; `migrations.py`: its schema;
   `rollups.py`: its daily rollup tables (`by_endpoint.py`: the one per endpoint, and its part of the report)
+- `postgres.py`: the PostgreSQL engine (`pg_migrations.py`, `pg_sql.py`); `engine.py`: which one a
+  target names; `copy.py`: `proxy ledger copy`, a SQLite ledger into PostgreSQL
 - `spill.py`: the spill file for when the store cannot be written, and `proxy ledger import`
 - `budget.py`: the paid-spend budgets counted from the ledger
 - `report.py`, `report_read.py`, `report_text.py`: the cost report, read from the rollups, printed

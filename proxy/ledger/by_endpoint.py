@@ -33,11 +33,11 @@ class _EndpointSums:
     cost: int = 0  # nano-dollars
 
 
-_COLUMNS = """day, endpoint, calls, failures, cancelled, prompt_tokens, completion_tokens, cached_tokens,
+COLUMNS = """day, endpoint, calls, failures, cancelled, prompt_tokens, completion_tokens, cached_tokens,
     duration_ms, cost_nano_usd, cost_usd"""
 
 UPSERT = f"""
-INSERT INTO daily_endpoints ({_COLUMNS})
+INSERT INTO daily_endpoints ({COLUMNS})
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (day, endpoint) DO UPDATE SET
     calls = calls + excluded.calls,
@@ -54,7 +54,7 @@ ON CONFLICT (day, endpoint) DO UPDATE SET
 # Column for column what `EndpointRollup` adds up (part of `rollups.rebuild_rollups`).
 REBUILD = f"""
 DELETE FROM daily_endpoints;
-INSERT INTO daily_endpoints ({_COLUMNS})
+INSERT INTO daily_endpoints ({COLUMNS})
 SELECT substr(started_at, 1, 10), endpoint, count(*), sum(outcome = 'error'), sum(outcome = 'client_cancelled'),
        coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), coalesce(sum(cached_tokens), 0),
        total(duration_ms), sum(cost_nano_usd), sum(cost_nano_usd) / 1e9

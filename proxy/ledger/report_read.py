@@ -20,6 +20,7 @@ import aiosqlite
 
 from proxy.ledger.by_endpoint import read_endpoints
 from proxy.ledger.migrations import pending
+from proxy.ledger.postgres import is_postgres_url, redact
 from proxy.ledger.pricing import from_nano
 from proxy.ledger.report import EndpointReport, Report, TierReport, parse_since
 from proxy.ledger.rows import bucket_ms, iso_utc, latency_bucket
@@ -207,6 +208,9 @@ async def build_report(db_path: str | Path, since: str, *, now: float | None = N
     """The cost report for the window `since` (24h, 7d, 30d, all, Nh, Nd) ending at `now`."""
     now = time.time() if now is None else now
     cutoff = parse_since(since, now)
+    if is_postgres_url(db_path):
+        # Not yet: the report's queries are SQLite's. An OSError, so callers say "cannot be read".
+        raise OSError(f"reports are not read from PostgreSQL yet ({redact(str(db_path))}): see docs/ledger.md")
     path = Path(db_path)
     if not path.exists():
         raise FileNotFoundError(f"no ledger database at {path}")

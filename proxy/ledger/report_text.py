@@ -11,6 +11,7 @@ from pathlib import Path
 
 import orjson
 
+from proxy.ledger.postgres import is_postgres_url, redact
 from proxy.ledger.pricing import round_micro
 from proxy.ledger.report import Report, parse_since
 from proxy.ledger.report_read import build_report
@@ -152,7 +153,7 @@ async def report_text(db: str | Path, since: str, as_json: bool, *, now: float |
     except FileNotFoundError as e:
         return 1, str(e)
     except (sqlite3.Error, OSError) as e:
-        return 1, f"cannot read ledger {db}: {e}"
+        return 1, f"cannot read ledger {redact(str(db)) if is_postgres_url(db) else db}: {e}"
     if as_json:
         return 0, orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode()
     return 0, render_table(report)

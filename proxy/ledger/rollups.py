@@ -48,14 +48,14 @@ class _DayAttempts:
     invalid_cost: int = 0  # what those cost, nano-dollars
 
 
-_USAGE_COLUMNS = """day, tier, route, paid, calls, failures, cancelled, fallbacks, attempts,
+USAGE_COLUMNS = """day, tier, route, paid, calls, failures, cancelled, fallbacks, attempts,
     prompt_tokens, completion_tokens, cached_tokens, duration_ms, cost_nano_usd, baseline_nano_usd,
     cost_usd, baseline_cost_usd, checked, check_failed, escalated_bad_answers"""
-_ATTEMPT_COLUMNS = """day, tier, attempts, failures, cancelled, prompt_tokens, completion_tokens,
+ATTEMPT_COLUMNS = """day, tier, attempts, failures, cancelled, prompt_tokens, completion_tokens,
     cached_tokens, cost_nano_usd, cost_usd, checked, invalid, invalid_cost_nano_usd, invalid_cost_usd"""
 
 _UPSERT_USAGE = f"""
-INSERT INTO daily_usage ({_USAGE_COLUMNS})
+INSERT INTO daily_usage ({USAGE_COLUMNS})
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (day, tier, route, paid) DO UPDATE SET
     calls = calls + excluded.calls,
@@ -78,7 +78,7 @@ ON CONFLICT (day, tier, route, paid) DO UPDATE SET
 """
 
 _UPSERT_ATTEMPTS = f"""
-INSERT INTO daily_attempts ({_ATTEMPT_COLUMNS})
+INSERT INTO daily_attempts ({ATTEMPT_COLUMNS})
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (day, tier) DO UPDATE SET
     attempts = attempts + excluded.attempts,
@@ -217,7 +217,7 @@ _REBUILD = f"""
 DELETE FROM daily_usage;
 DELETE FROM daily_attempts;
 DELETE FROM daily_latency;
-INSERT INTO daily_usage ({_USAGE_COLUMNS})
+INSERT INTO daily_usage ({USAGE_COLUMNS})
 SELECT substr(started_at, 1, 10), coalesce(tier, ''), route, coalesce(paid, 0), count(*),
        sum(outcome = 'error'), sum(outcome = 'client_cancelled'), sum(tier IS NOT NULL AND attempts > 1),
        sum(attempts), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
@@ -225,7 +225,7 @@ SELECT substr(started_at, 1, 10), coalesce(tier, ''), route, coalesce(paid, 0), 
        sum(cost_nano_usd) / 1e9, sum(baseline_nano_usd) / 1e9,
        sum(check_result IS NOT NULL), sum(check_result IS 'failed'), sum(escalated_for IS 'bad_answers')
 FROM requests GROUP BY 1, 2, 3, 4;
-INSERT INTO daily_attempts ({_ATTEMPT_COLUMNS})
+INSERT INTO daily_attempts ({ATTEMPT_COLUMNS})
 SELECT substr(started_at, 1, 10), tier, count(*), sum(outcome NOT IN ('ok', 'cancelled')),
        sum(outcome = 'cancelled'), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
        coalesce(sum(cached_tokens), 0), sum(cost_nano_usd), sum(cost_nano_usd) / 1e9,

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.config import Config, load_config
+from proxy.ledger.engine import store_for
 from proxy.ledger.rows import LedgerEntry
-from proxy.ledger.sqlite import SqliteStore
 from proxy.ledger.store import Store, StoreError
 
 log = logging.getLogger("proxy.ledger")
@@ -120,9 +121,11 @@ async def import_spill(store: Store, *, batch_size: int = 500) -> ImportResult:
     return ImportResult(imported, skipped, rejected, tuple(str(p) for p in files))
 
 
-async def import_ledger(db: str | Path) -> tuple[int, str]:
-    """`proxy ledger import` inside an event loop: (exit code, text)."""
-    store = SqliteStore(db)
+async def import_ledger(db: str | Path | None, config: Config | None = None) -> tuple[int, str]:
+    """`proxy ledger import` inside an event loop: (exit code, text). `db` is a file or a
+    postgresql:// URL; None: the config's ledger."""
+    store = store_for(config or load_config(None), db)
+    db = store.location
     if not has_spill(store.spill_path):
         return 0, f"nothing to import: no spill file {store.spill_path}"
     try:
@@ -140,6 +143,6 @@ async def import_ledger(db: str | Path) -> tuple[int, str]:
     return 0, text
 
 
-def import_main(db: str) -> tuple[int, str]:
+def import_main(db: str | None, config: Config | None = None) -> tuple[int, str]:
     """`proxy ledger import`: load `<db>.spill.jsonl` back into the database (idempotent)."""
-    return asyncio.run(import_ledger(db))
+    return asyncio.run(import_ledger(db, config))

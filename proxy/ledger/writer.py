@@ -20,11 +20,11 @@ from decimal import Decimal
 from pathlib import Path
 
 from proxy.config import Config
+from proxy.ledger.engine import store_for
 from proxy.ledger.journal import Journal, journal_base, replay, replay_segment
 from proxy.ledger.pricing import from_nano
 from proxy.ledger.rows import LedgerEntry, Pricer
 from proxy.ledger.spill import append_spill, import_spill
-from proxy.ledger.sqlite import SqliteStore
 from proxy.ledger.store import RowsRejected, Store, StoreError, StoreUnusable
 from proxy.records import CallRecord
 
@@ -56,8 +56,9 @@ class LedgerStats:
 
 
 class Ledger:
-    """A RecordSink that writes to a store (the SQLite file at `path` by default) from one
-    background task.
+    """A RecordSink that writes to a store from one background task: the SQLite file at `path`
+    (default `ledger.path`), or PostgreSQL when `path` is a postgresql:// URL or the config sets
+    `ledger.url` (engine.py).
 
     Call `submit` from the event loop thread only (it wakes the writer with an asyncio.Event).
     """
@@ -77,7 +78,7 @@ class Ledger:
         max_queued: int = MAX_QUEUED_ROWS,
     ) -> None:
         if store is None:
-            store = SqliteStore(path if path is not None else config.ledger.path, busy_timeout_ms=busy_timeout_ms)
+            store = store_for(config, path, busy_timeout_ms=busy_timeout_ms)
         self.store = store
         self.spill_path = store.spill_path
         self.journal_path = journal_base(store.spill_path)

@@ -1,0 +1,113 @@
+"""The SQL the PostgreSQL store runs for a batch: multi-row inserts through `unnest` and the
+rollup upserts, made from the same column lists as the SQLite statements (rows.py, rollups.py)."""
+
+from __future__ import annotations
+
+from proxy.ledger import by_endpoint
+from proxy.ledger.rollups import ATTEMPT_COLUMNS, USAGE_COLUMNS
+from proxy.ledger.rows import AttemptRow, RequestRow
+
+# PostgreSQL's type of each column, in RequestRow / AttemptRow order (pg_migrations.py).
+_REQUEST_TYPES = {
+    "id": "text",
+    "started_at": "text",
+    "duration_ms": "float8",
+    "route": "text",
+    "stream": "int4",
+    "requested_model": "text",
+    "tier": "text",
+    "paid": "int4",
+    "model": "text",
+    "status": "int4",
+    "outcome": "text",
+    "attempts": "int4",
+    "ttft_ms": "float8",
+    "prompt_tokens": "int8",
+    "completion_tokens": "int8",
+    "cached_tokens": "int8",
+    "usage_source": "text",
+    "cost_usd": "float8",
+    "baseline_cost_usd": "float8",
+    "cost_nano_usd": "int8",
+    "baseline_nano_usd": "int8",
+    "client": "text",
+    "error": "text",
+    "request_text": "text",
+    "response_text": "text",
+    "check_result": "text",
+    "escalated_for": "text",
+    "endpoint": "text",
+}
+_ATTEMPT_TYPES = {
+    "request_id": "text",
+    "n": "int4",
+    "tier": "text",
+    "model": "text",
+    "started_at": "text",
+    "duration_ms": "float8",
+    "ttft_ms": "float8",
+    "http_status": "int4",
+    "outcome": "text",
+    "error": "text",
+    "prompt_tokens": "int8",
+    "completion_tokens": "int8",
+    "cached_tokens": "int8",
+    "cost_usd": "float8",
+    "cost_nano_usd": "int8",
+    "checked": "int4",
+}
+assert tuple(_REQUEST_TYPES) == RequestRow._fields and tuple(_ATTEMPT_TYPES) == AttemptRow._fields
+
+# Text a client or an upstream supplied: PostgreSQL's text cannot hold NUL, SQLite's can.
+FREE_TEXT_REQUEST = tuple(
+    i
+    for i, f in enumerate(RequestRow._fields)
+    if f in {"id", "requested_model", "model", "client", "error", "request_text", "response_text"}
+)
+FREE_TEXT_ATTEMPT = tuple(i for i, f in enumerate(AttemptRow._fields) if f in {"request_id", "model", "error"})
+
+
+def _unnest_insert(table: str, types: dict[str, str], suffix: str = "") -> str:
+    arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types.values(), start=1))
+    return f"INSERT INTO {table} ({', '.join(types)}) SELECT * FROM unnest({arrays}){suffix}"
+
+
+# One statement per batch whatever its size; an id already stored comes back missing from RETURNING.
+INSERT_REQUESTS = _unnest_insert("requests", _REQUEST_TYPES, " ON CONFLICT (id) DO NOTHING RETURNING id")
+INSERT_ATTEMPTS = _unnest_insert("attempts", _ATTEMPT_TYPES)
+
+# The REAL money columns are re-derived from the exact integers, as on SQLite.
+_DERIVED = {
+    "cost_usd": "cost_nano_usd",
+    "baseline_cost_usd": "baseline_nano_usd",
+    "invalid_cost_usd": "invalid_cost_nano_usd",
+}
+
+
+def _upsert(table: str, columns: str, keys: tuple[str, ...]) -> str:
+    cols = [c.strip() for c in columns.split(",")]
+    values = ", ".join(f"${i}" for i in range(1, len(cols) + 1))
+    sets = []
+    for c in cols:
+        if c in keys:
+            continue
+        if c in _DERIVED:
+            n = _DERIVED[c]
+            sets.append(f"{c} = ({table}.{n} + excluded.{n}) / 1e9")
+        else:
+            sets.append(f"{c} = {table}.{c} + excluded.{c}")
+    return (
+        f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({values})"
+        f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {', '.join(sets)}"
+    )
+
+
+UPSERT_USAGE = _upsert("daily_usage", USAGE_COLUMNS, ("day", "tier", "route", "paid"))
+UPSERT_ATTEMPTS = _upsert("daily_attempts", ATTEMPT_COLUMNS, ("day", "tier"))
+UPSERT_LATENCY = _upsert("daily_latency", "day, tier, metric, bucket, count", ("day", "tier", "metric", "bucket"))
+UPSERT_ENDPOINTS = _upsert("daily_endpoints", by_endpoint.COLUMNS, ("day", "endpoint"))
+
+SPEND_SINCE = "SELECT coalesce(sum(cost_nano_usd), 0) FROM daily_usage WHERE day >= $1"
+CLIENT_SPEND_SINCE = (
+    "SELECT client, sum(cost_nano_usd) FROM requests WHERE started_at >= $1 AND client IS NOT NULL GROUP BY client"
+)

@@ -1,0 +1,222 @@
+"""The PostgreSQL engine (`ledger.url: postgresql://...`): a small asyncpg pool, one transaction
+per batch, the same tables as SQLite (pg_migrations.py); its errors become StoreError.
+
+Why asyncpg: it is the asyncio-native driver (no thread hop per batch), speaks PostgreSQL's
+binary protocol with prepared statements, and is the most used and maintained async driver.
+
+The spill file and the journal stay local files beside `spill_base` (`ledger.path`): when the
+database is unreachable, rows wait there and are replayed, as for SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from proxy.ledger import pg_sql
+from proxy.ledger.pg_migrations import Conn, migrate
+from proxy.ledger.pricing import from_nano
+from proxy.ledger.rollups import Rollup
+from proxy.ledger.rows import AttemptRow, LedgerEntry, RequestRow
+from proxy.ledger.store import RowsRejected, StoreError, StoreUnusable
+
+log = logging.getLogger("proxy.ledger")
+
+CONNECT_TIMEOUT = 5.0  # seconds to reach the server before a write counts as failed (and spills)
+COMMAND_TIMEOUT = 30.0  # seconds for one statement
+SPILL_SUFFIX = ".spill.jsonl"
+_URL_SCHEMES = ("postgresql", "postgres")
+
+# What no retry fixes: wrong user or password, no such database, no permission on the tables.
+_UNUSABLE = (
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,
+    asyncpg.exceptions.InvalidCatalogNameError,
+    asyncpg.exceptions.InsufficientPrivilegeError,
+)
+# The rows themselves were refused (a constraint, a value the column cannot hold).
+_REJECTED = (asyncpg.exceptions.IntegrityConstraintViolationError, asyncpg.exceptions.DataError)
+# Everything that means "not now": the server is down, restarting, unreachable or slow.
+_TRANSIENT = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+def is_postgres_url(target: str | Path) -> bool:
+    return isinstance(target, str) and target.split(":", 1)[0].lower() in _URL_SCHEMES
+
+
+def redact(url: str) -> str:
+    """The URL without its password (in the user part or a `password=` parameter), for messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}@{host}"
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def store_error(e: BaseException) -> StoreError:
+    """asyncpg's and the socket's exceptions as the ledger's: the one place they are mapped."""
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    if isinstance(e, _UNUSABLE):
+        return StoreUnusable(text)
+    if isinstance(e, _REJECTED):
+        return RowsRejected(text)
+    return StoreError(text)
+
+
+class PostgresStore:
+    """One PostgreSQL database, through a pool of a few connections (the writer uses one; budget
+    reads and imports may take another). The pool is made on first use, so a server that is down
+    at start is retried on every batch until it answers."""
+
+    def __init__(
+        self, url: str, *, spill_base: str | Path, password: str | None = None, max_connections: int = 4
+    ) -> None:
+        self.url = url
+        self._password = password
+        self._spill_base = Path(spill_base)
+        self._max = max_connections
+        self._pool: asyncpg.Pool | None = None
+        self._checked = False  # the schema is known to be migrated
+
+    @property
+    def location(self) -> str:
+        return redact(self.url)
+
+    @property
+    def spill_path(self) -> Path:
+        return Path(f"{self._spill_base}{SPILL_SUFFIX}")
+
+    async def open(self) -> None:
+        await self._ready()
+
+    async def write(self, entries: Sequence[LedgerEntry], *, keep_duplicates: bool = True) -> int:
+        pool = await self._ready()
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                return await _write_batch(conn, entries, keep_duplicates)
+        except _TRANSIENT as e:
+            if isinstance(e, asyncpg.exceptions.UndefinedTableError):
+                self._checked = False  # someone dropped the tables: migrate again on the next batch
+            raise store_error(e) from e
+
+    async def spend_since(self, day: str) -> Decimal:
+        rows = await self._fetch(pg_sql.SPEND_SINCE, day)
+        return from_nano(int(rows[0][0] or 0))
+
+    async def client_spend_since(self, day: str) -> dict[str, Decimal]:
+        rows = await self._fetch(pg_sql.CLIENT_SPEND_SINCE, day)
+        return {str(r[0]): from_nano(int(r[1] or 0)) for r in rows}
+
+    async def fetch(self, sql: str, *args: object) -> list[Any]:
+        """Rows of a read-only query (reports, tests). Raises StoreError."""
+        return await self._fetch(sql, *args)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=CONNECT_TIMEOUT)
+            except _TRANSIENT:
+                pool.terminate()
+
+    async def _fetch(self, sql: str, *args: object) -> list[Any]:
+        pool = await self._ready()
+        try:
+            return list(await pool.fetch(sql, *args))
+        except _TRANSIENT as e:
+            raise store_error(e) from e
+
+    async def _ready(self) -> asyncpg.Pool:
+        try:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self.url,
+                    password=self._password,
+                    min_size=0,  # no background reconnects (and their tracebacks) while it is down
+                    max_size=self._max,
+                    timeout=CONNECT_TIMEOUT,
+                    command_timeout=COMMAND_TIMEOUT,
+                    server_settings={"application_name": "proxy-ledger"},
+                )
+            if not self._checked:
+                async with self._pool.acquire() as conn:
+                    applied = await migrate(conn)
+                if applied:
+                    log.info("ledger: applied migration(s) %s to %s", ", ".join(applied), self.location)
+                self._checked = True
+        except _TRANSIENT as e:
+            await self.close()
+            raise store_error(e) from e
+        return self._pool
+
+
+def _columns(rows: Iterable[tuple[Any, ...]], width: int, free_text: tuple[int, ...]) -> list[list[Any]]:
+    """Rows to one list per column (what `unnest` takes), with NUL taken out of free text."""
+    cols = [list(c) for c in zip(*rows, strict=True)] or [[] for _ in range(width)]
+    for i in free_text:
+        col = cols[i]
+        for j, v in enumerate(col):
+            if isinstance(v, str) and "\x00" in v:
+                col[j] = v.replace("\x00", "\ufffd")
+    return cols
+
+
+def _renamed(entry: LedgerEntry) -> LedgerEntry:
+    new_id = f"{entry.request.id}~{uuid.uuid4().hex[:12]}"
+    log.warning("ledger: request id %s was already recorded; storing this one as %s", entry.request.id, new_id)
+    return LedgerEntry(entry.request._replace(id=new_id), tuple(a._replace(request_id=new_id) for a in entry.attempts))
+
+
+def _unique_in_batch(entries: Sequence[LedgerEntry], keep_duplicates: bool) -> list[LedgerEntry]:
+    seen: set[str] = set()
+    out: list[LedgerEntry] = []
+    for e in entries:
+        if e.request.id in seen:
+            if not keep_duplicates:
+                continue
+            e = _renamed(e)
+        seen.add(e.request.id)
+        out.append(e)
+    return out
+
+
+async def _insert_requests(conn: Conn, entries: Sequence[LedgerEntry], keep_duplicates: bool) -> list[LedgerEntry]:
+    """Insert the request rows; an id already stored (by this process, another replica, or an
+    earlier import) is renamed and inserted again, or dropped for imports. Returns what went in."""
+    done: list[LedgerEntry] = []
+    todo = _unique_in_batch(entries, keep_duplicates)
+    width = len(RequestRow._fields)
+    while todo:
+        cols = _columns((e.request for e in todo), width, pg_sql.FREE_TEXT_REQUEST)
+        inserted = {str(r[0]) for r in await conn.fetch(pg_sql.INSERT_REQUESTS, *cols)}
+        done.extend(e for e in todo if e.request.id in inserted)
+        todo = [_renamed(e) for e in todo if e.request.id not in inserted] if keep_duplicates else []
+    return done
+
+
+async def _write_batch(conn: Conn, entries: Sequence[LedgerEntry], keep_duplicates: bool) -> int:
+    """Rows and rollups of one batch, inside the caller's transaction."""
+    todo = await _insert_requests(conn, entries, keep_duplicates)
+    if not todo:
+        return 0
+    attempts = [a for e in todo for a in e.attempts]
+    if attempts:
+        width = len(AttemptRow._fields)
+        await conn.execute(pg_sql.INSERT_ATTEMPTS, *_columns(attempts, width, pg_sql.FREE_TEXT_ATTEMPT))
+    rollup = Rollup(todo)
+    await conn.executemany(pg_sql.UPSERT_USAGE, rollup.usage_params())
+    if rollup.attempts:
+        await conn.executemany(pg_sql.UPSERT_ATTEMPTS, rollup.attempt_params())
+    if rollup.latency:
+        await conn.executemany(pg_sql.UPSERT_LATENCY, rollup.latency_params())
+    await conn.executemany(pg_sql.UPSERT_ENDPOINTS, rollup.endpoints.params())
+    return len(todo)
