@@ -6,13 +6,13 @@ answers in well under a second; the password appears nowhere."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -103,9 +103,9 @@ async def test_proxy_report_text_and_json(pg: PostgresServer, pg_url: str, tmp_p
     assert pg.password not in text + out
 
 
-def test_proxy_report_command(pg: PostgresServer, pg_url: str, tmp_path: Path, capsys: Any) -> None:
-    import asyncio
-
+def test_proxy_report_command(
+    pg: PostgresServer, pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     asyncio.run(both(pg_url, tmp_path))
     assert main(["report", "--db", pg_url, "--since", "all", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
