@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-serve", action="store_true", help="exit after the demo requests")
 
     report = sub.add_parser("report", help="cost report from the ledger")
-    report.add_argument("--db", default=None, help="ledger SQLite file (default: from the config, ./ledger.db)")
+    report.add_argument("--db", default=None, help="ledger file or postgresql:// URL (default: the config's)")
     report.add_argument("--since", default="24h", help="24h, 7d, 30d or all (default 24h)")
     report.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _config_arg(report)
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             from proxy.ledger.report_text import report_main
 
-            code, text = report_main(_db_path(args), args.since, args.json)
+            code, text = report_main(args.db or _load(args.config), args.since, args.json)
             print(text)
             return code
         if args.command == "ledger" and args.ledger_command == "copy":
@@ -113,12 +113,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"proxy: config error: {e}", file=sys.stderr)
         return 2
     return 2
-
-
-def _db_path(args: argparse.Namespace) -> str:
-    if args.db:
-        return str(args.db)
-    return _load(args.config).ledger.path
 
 
 if __name__ == "__main__":

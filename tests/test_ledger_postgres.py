@@ -313,9 +313,9 @@ def test_copy_refuses_missing_source(pg_url: str, tmp_path: Path) -> None:
     assert code == 1 and "no such ledger file" in text
 
 
-def test_report_from_postgres_says_not_yet(pg_url: str) -> None:
-    from proxy.ledger.report_text import report_main
+def test_report_from_an_empty_postgres_says_so(pg_url: str) -> None:
+    from proxy.ledger.report_text import report_main  # reports proper: tests/test_reports_postgres.py
 
     code, text = report_main(pg_url, "24h", False)
-    assert code == 1 and "not read from PostgreSQL yet" in text
+    assert code == 1 and "no ledger tables in" in text
     assert pg_url.split(":")[2].split("@")[0] not in text  # the password

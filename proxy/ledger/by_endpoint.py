@@ -2,14 +2,13 @@
 
 `requests.endpoint` is the path under /v1 a request came to (`Api`: chat/completions, responses,
 completions, embeddings). The rollup, keyed by (day, endpoint), is added to in the same
-transaction as the raw rows (`rollups.py` calls it) and read by `report_read.py` like the other
-rollups: whole days from here, the partial first day of a window from raw rows.
+transaction as the raw rows (`rollups.py` calls it) and read like the other rollups (the SQL is
+`report_sql.ENDPOINTS`): whole days from here, the partial first day of a window from raw rows.
 """
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,26 +100,14 @@ class EndpointRollup:
 
 # ---------------------------------------------------------------------------- the report's split
 
-_ROLLUP_READ = """
-SELECT endpoint, sum(calls), sum(failures), sum(cancelled), sum(prompt_tokens), sum(completion_tokens),
-       sum(cached_tokens), sum(cost_nano_usd)
-FROM daily_endpoints WHERE day >= :day GROUP BY endpoint
-"""
-_RAW_READ = """
-SELECT endpoint, count(*), sum(outcome = 'error'), sum(outcome = 'client_cancelled'),
-       coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), coalesce(sum(cached_tokens), 0),
-       sum(cost_nano_usd)
-FROM requests WHERE started_at >= :lo AND started_at < :hi GROUP BY endpoint
-"""
 
-# (rollup_sql, raw_sql) -> the rows of both over the report window (report_read's `_Reader.rows`)
-RowSource = Callable[[str, str], Awaitable[Iterable[sqlite3.Row]]]
+def endpoint_reports(rows: Iterable[Sequence[Any]]) -> tuple[EndpointReport, ...]:
+    """The window's requests per endpoint, busiest first; only endpoints with calls in it.
 
-
-async def read_endpoints(rows: RowSource) -> tuple[EndpointReport, ...]:
-    """The window's requests per endpoint, busiest first; only endpoints with calls in it."""
+    `rows` are those of `report_sql.ENDPOINTS` (rollup days, then the partial first day), from either engine.
+    """
     sums: dict[str, _EndpointSums] = {}
-    for endpoint, calls, failures, cancelled, prompt, completion, cached, cost in await rows(_ROLLUP_READ, _RAW_READ):
+    for endpoint, calls, failures, cancelled, prompt, completion, cached, cost in rows:
         s = sums.setdefault(str(endpoint), _EndpointSums())
         s.calls += int(calls or 0)
         s.failures += int(failures or 0)

@@ -120,6 +120,15 @@ class PostgresStore:
         """Rows of a read-only query (reports, tests). Raises StoreError."""
         return await self._fetch(sql, *args)
 
+    async def read_snapshot(self, queries: Sequence[tuple[str, Sequence[object]]]) -> list[list[Any]]:
+        """Rows of several read-only queries from one snapshot (the report). Raises StoreError."""
+        pool = await self._ready()
+        try:
+            async with pool.acquire() as conn:
+                return await read_snapshot(conn, queries)
+        except _TRANSIENT as e:
+            raise store_error(e) from e
+
     async def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -157,6 +166,12 @@ class PostgresStore:
             await self.close()
             raise store_error(e) from e
         return self._pool
+
+
+async def read_snapshot(conn: Conn, queries: Sequence[tuple[str, Sequence[object]]]) -> list[list[Any]]:
+    """Each query's rows, in one REPEATABLE READ READ ONLY transaction: one consistent snapshot."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return [list(await conn.fetch(sql, *args)) for sql, args in queries]
 
 
 def _columns(rows: Iterable[tuple[Any, ...]], width: int, free_text: tuple[int, ...]) -> list[list[Any]]:

@@ -1,30 +1,28 @@
-"""Reading the cost report from a ledger file.
+"""Reading the cost report from a ledger, SQLite or PostgreSQL alike.
 
 Counts and sums come from the daily rollup tables (a handful of rows per day however busy
 the proxy is); only the part of the window that starts mid-day is read from raw rows, via
 the started_at index. Latency percentiles come from per-day histograms (5% buckets).
+The SQL is `report_sql.py` (one text for both engines), run by the engine's `report_source.py`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
-from proxy.ledger.by_endpoint import read_endpoints
-from proxy.ledger.migrations import pending
-from proxy.ledger.postgres import is_postgres_url, redact
+from proxy.ledger import report_sql
+from proxy.ledger.by_endpoint import endpoint_reports
 from proxy.ledger.pricing import from_nano
 from proxy.ledger.report import EndpointReport, Report, TierReport, parse_since
+from proxy.ledger.report_source import Rows, Target, source_for
+from proxy.ledger.report_sql import Query
 from proxy.ledger.rows import bucket_ms, iso_utc, latency_bucket
-from proxy.ledger.sqlite import open_db
 
 _NO_TIER = ""
 
@@ -90,82 +88,54 @@ class _AttemptTotals(_Sums):
     invalid_cost: int = 0  # nano-dollars
 
 
-_ROLLUP_REQUESTS = """
-SELECT tier, paid, sum(calls), sum(failures), sum(cancelled), sum(fallbacks), sum(prompt_tokens),
-       sum(completion_tokens), sum(cached_tokens), sum(cost_nano_usd), sum(baseline_nano_usd),
-       sum(checked), sum(check_failed), sum(CASE WHEN route = 'escalated' THEN calls ELSE 0 END),
-       sum(escalated_bad_answers)
-FROM daily_usage WHERE day >= :day GROUP BY tier, paid
-"""
-_RAW_REQUESTS = """
-SELECT coalesce(tier, ''), coalesce(paid, 0), count(*), sum(outcome = 'error'),
-       sum(outcome = 'client_cancelled'), sum(tier IS NOT NULL AND attempts > 1),
-       coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0), coalesce(sum(cached_tokens), 0),
-       sum(cost_nano_usd), sum(baseline_nano_usd),
-       sum(check_result IS NOT NULL), sum(check_result IS 'failed'), sum(route = 'escalated'),
-       sum(escalated_for IS 'bad_answers')
-FROM requests WHERE started_at >= :lo AND started_at < :hi GROUP BY 1, 2
-"""
-_ROLLUP_ATTEMPTS = """
-SELECT tier, sum(attempts), sum(failures), sum(cancelled), sum(checked), sum(invalid), sum(invalid_cost_nano_usd)
-FROM daily_attempts WHERE day >= :day GROUP BY tier
-"""
-_RAW_ATTEMPTS = """
-SELECT tier, count(*), sum(outcome NOT IN ('ok', 'cancelled')), sum(outcome = 'cancelled'), sum(checked != 0),
-       sum(outcome = 'invalid_output'), coalesce(sum(CASE WHEN outcome = 'invalid_output' THEN cost_nano_usd END), 0)
-FROM attempts WHERE started_at >= :lo AND started_at < :hi GROUP BY tier
-"""
-_ROLLUP_LATENCY = """
-SELECT tier, metric, bucket, sum(count) FROM daily_latency WHERE day >= :day GROUP BY tier, metric, bucket
-"""
-_RAW_LATENCY = """
-SELECT tier, duration_ms, ttft_ms FROM requests
-WHERE started_at >= :lo AND started_at < :hi AND tier IS NOT NULL
-"""
-
-
 class _Reader:
-    """Runs each query over the rollup days plus, when the window starts mid-day, raw rows."""
+    """Each figure over the rollup days plus, when the window starts mid-day, the raw rows of
+    that partial day: all queries at once, through the engine's source, in one snapshot."""
 
-    def __init__(self, conn: aiosqlite.Connection, window: _ReportWindow) -> None:
-        self.conn = conn
+    def __init__(self, window: _ReportWindow) -> None:
         self.window = window
+        self.queries: list[Query] = []
+        self._slots: dict[tuple[int, str], int] = {}  # (pair index, "rollup"/"raw") -> query index
+        for i, pair in enumerate(report_sql.PAIRS):
+            self._add(i, "rollup", pair.rollup, (window.first_full_day or "",))
+            if window.raw_from is not None:
+                self._add(i, "raw", pair.raw, (window.raw_from, window.raw_to))
 
-    async def rows(self, rollup_sql: str, raw_sql: str) -> list[sqlite3.Row]:
-        w = self.window
-        out = list(await self.conn.execute_fetchall(rollup_sql, {"day": w.first_full_day or ""}))
-        if w.raw_from is not None:
-            out += await self.conn.execute_fetchall(raw_sql, {"lo": w.raw_from, "hi": w.raw_to})
-        return out
+    def _add(self, i: int, part: str, sql: str, args: tuple[object, ...]) -> None:
+        self._slots[(i, part)] = len(self.queries)
+        self.queries.append(Query(sql, args))
 
-    async def requests(self) -> dict[tuple[str, bool], _RequestTotals]:
-        sums: dict[tuple[str, bool], _RequestTotals] = {}
-        for r in await self.rows(_ROLLUP_REQUESTS, _RAW_REQUESTS):
-            sums.setdefault((str(r[0]), bool(r[1])), _RequestTotals()).add(r[2:])
-        return sums
+    def split(self, results: Sequence[Rows], pair: report_sql.Pair) -> tuple[Rows, Rows]:
+        """The rollup rows and the raw rows of one figure."""
+        i = report_sql.PAIRS.index(pair)
+        raw = self._slots.get((i, "raw"))
+        return results[self._slots[(i, "rollup")]], ([] if raw is None else results[raw])
 
-    async def attempts(self) -> dict[str, _AttemptTotals]:
-        sums: dict[str, _AttemptTotals] = {}
-        for r in await self.rows(_ROLLUP_ATTEMPTS, _RAW_ATTEMPTS):
-            sums.setdefault(str(r[0]), _AttemptTotals()).add(r[1:])
-        return sums
 
-    async def histograms(self) -> dict[tuple[str, str], dict[int, int]]:
-        hist: dict[tuple[str, str], dict[int, int]] = {}
-        w = self.window
-        for tier, metric, bucket, n in await self.conn.execute_fetchall(
-            _ROLLUP_LATENCY, {"day": w.first_full_day or ""}
-        ):
-            h = hist.setdefault((str(tier), str(metric)), {})
-            h[int(bucket)] = h.get(int(bucket), 0) + int(n)
-        if w.raw_from is not None:
-            # At most one partial day of rows, read through the started_at index.
-            raw = await self.conn.execute_fetchall(_RAW_LATENCY, {"lo": w.raw_from, "hi": w.raw_to})
-            for tier, duration, ttft in raw:
-                _count(hist, str(tier), "duration", float(duration))
-                if ttft is not None:
-                    _count(hist, str(tier), "ttft", float(ttft))
-        return hist
+def _requests(rollup: Rows, raw: Rows) -> dict[tuple[str, bool], _RequestTotals]:
+    sums: dict[tuple[str, bool], _RequestTotals] = {}
+    for r in (*rollup, *raw):
+        sums.setdefault((str(r[0]), bool(r[1])), _RequestTotals()).add(r[2:])
+    return sums
+
+
+def _attempts(rollup: Rows, raw: Rows) -> dict[str, _AttemptTotals]:
+    sums: dict[str, _AttemptTotals] = {}
+    for r in (*rollup, *raw):
+        sums.setdefault(str(r[0]), _AttemptTotals()).add(r[1:])
+    return sums
+
+
+def _histograms(rollup: Rows, raw: Rows) -> dict[tuple[str, str], dict[int, int]]:
+    hist: dict[tuple[str, str], dict[int, int]] = {}
+    for tier, metric, bucket, n in rollup:
+        h = hist.setdefault((str(tier), str(metric)), {})
+        h[int(bucket)] = h.get(int(bucket), 0) + int(n)
+    for tier, duration, ttft in raw:  # at most one partial day of rows, read through the started_at index
+        _count(hist, str(tier), "duration", float(duration))
+        if ttft is not None:
+            _count(hist, str(tier), "ttft", float(ttft))
+    return hist
 
 
 def _count(hist: dict[tuple[str, str], dict[int, int]], tier: str, metric: str, ms: float) -> None:
@@ -188,41 +158,20 @@ def percentile(hist: dict[int, int] | None, p: float) -> float | None:
     return None  # unreachable: the last bucket always reaches the rank
 
 
-async def _open_for_report(db_path: Path) -> aiosqlite.Connection:
-    """Read-only when the schema is current, so a report never writes to a live ledger;
-    an old file is upgraded in place first."""
-    conn = await aiosqlite.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True)
-    try:
-        todo = await pending(conn)
-    except sqlite3.Error:
-        await conn.close()
-        raise
-    if not todo:
-        return conn
-    await conn.close()
-    await (await open_db(db_path)).close()
-    return await aiosqlite.connect(db_path.resolve().as_uri() + "?mode=ro", uri=True)
+async def build_report(target: Target, since: str, *, now: float | None = None) -> Report:
+    """The cost report for the window `since` (24h, 7d, 30d, all, Nh, Nd) ending at `now`.
 
-
-async def build_report(db_path: str | Path, since: str, *, now: float | None = None) -> Report:
-    """The cost report for the window `since` (24h, 7d, 30d, all, Nh, Nd) ending at `now`."""
+    `target`: a ledger file, a postgresql:// URL, or the store a running proxy writes to.
+    Raises ValueError for a bad `since`, OSError (FileNotFoundError) when the ledger cannot be read.
+    """
     now = time.time() if now is None else now
     cutoff = parse_since(since, now)
-    if is_postgres_url(db_path):
-        # Not yet: the report's queries are SQLite's. An OSError, so callers say "cannot be read".
-        raise OSError(f"reports are not read from PostgreSQL yet ({redact(str(db_path))}): see docs/ledger.md")
-    path = Path(db_path)
-    if not path.exists():
-        raise FileNotFoundError(f"no ledger database at {path}")
-    conn = await _open_for_report(path)
-    try:
-        reader = _Reader(conn, _ReportWindow.of(cutoff))
-        requests = await reader.requests()
-        attempts = await reader.attempts()
-        hist = await reader.histograms()
-        endpoints = await read_endpoints(reader.rows)
-    finally:
-        await conn.close()
+    reader = _Reader(_ReportWindow.of(cutoff))
+    results = await source_for(target).run(reader.queries)
+    requests = _requests(*reader.split(results, report_sql.REQUESTS))
+    attempts = _attempts(*reader.split(results, report_sql.ATTEMPTS))
+    hist = _histograms(*reader.split(results, report_sql.LATENCY))
+    endpoints = endpoint_reports(itertools.chain(*reader.split(results, report_sql.ENDPOINTS)))
     window_start = None if cutoff is None else iso_utc(cutoff)
     return _assemble(since, window_start, iso_utc(now), requests, attempts, hist, endpoints)
 

@@ -7,14 +7,16 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
-from pathlib import Path
 
 import orjson
 
-from proxy.ledger.postgres import is_postgres_url, redact
+from proxy.config import Config
+from proxy.ledger.engine import store_for
+from proxy.ledger.postgres import PostgresStore
 from proxy.ledger.pricing import round_micro
 from proxy.ledger.report import Report, parse_since
 from proxy.ledger.report_read import build_report
+from proxy.ledger.report_source import Target, source_for
 
 
 def _usd(d: Decimal) -> str:
@@ -142,23 +144,29 @@ def _quality_table(report: Report) -> list[str]:
     return ["", title, *_table(rows, _QUALITY_COLUMNS)]
 
 
-async def report_text(db: str | Path, since: str, as_json: bool, *, now: float | None = None) -> tuple[int, str]:
+async def report_text(db: Target | Config, since: str, as_json: bool, *, now: float | None = None) -> tuple[int, str]:
     """`report_main` for callers already inside an event loop."""
     try:
         parse_since(since, time.time())
     except ValueError as e:
         return 2, str(e)
+    # The config's own ledger: its file, or its PostgreSQL with `ledger.password_env`.
+    target = store_for(db) if isinstance(db, Config) else db
     try:
-        report = await build_report(db, since, now=now)
+        report = await build_report(target, since, now=now)
     except FileNotFoundError as e:
         return 1, str(e)
     except (sqlite3.Error, OSError) as e:
-        return 1, f"cannot read ledger {redact(str(db)) if is_postgres_url(db) else db}: {e}"
+        return 1, f"cannot read ledger {source_for(target).location}: {e}"
+    finally:
+        if isinstance(target, PostgresStore):
+            await target.close()
     if as_json:
         return 0, orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode()
     return 0, render_table(report)
 
 
-def report_main(db: str, since: str, as_json: bool) -> tuple[int, str]:
-    """`proxy report`: (exit code, text). 2 for a bad --since, 1 when the file cannot be read."""
+def report_main(db: str | Config, since: str, as_json: bool) -> tuple[int, str]:
+    """`proxy report`: (exit code, text). 2 for a bad --since, 1 when the ledger cannot be read.
+    `db`: `--db` (a file or a postgresql:// URL), else the config (`ledger.url` or `ledger.path`)."""
     return asyncio.run(report_text(db, since, as_json))

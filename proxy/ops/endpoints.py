@@ -80,7 +80,7 @@ async def get_report(request: web.Request) -> web.Response:
         async with asyncio.timeout(1.0):
             await ledger.flush()
     try:
-        doc = (await build_report(ledger.store.location, since)).to_json()
+        doc = (await build_report(ledger.store, since)).to_json()
     except (OSError, sqlite3.Error) as e:
         raise Unavailable(f"The ledger cannot be read: {e}", code="ledger_unavailable") from None
     doc["budget"] = budget_json(state.budget.state(time.time()))
