@@ -525,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         twin = targets.start_proxy(fast_url, paced_url, workdir / "twin")
         stack.callback(twin.stop)
         systems = [direct, make_system("proxy", proxy_svc, ("auto", "sse", "paced"), {})]
+        floor = targets.start_floor(fast_url, paced_url, workdir)
+        stack.callback(floor.stop)
+        systems.append(make_system("floor", floor, ("auto", "sse", "paced"), {}))
         if args.with_litellm:
             ll = targets.start_litellm(fast_url, paced_url, workdir)
             stack.callback(ll.stop)

@@ -15,8 +15,8 @@ from typing import Any
 
 from bench import report_gate
 
-NAMES = ("direct", "proxy", "litellm")
-COLOURS = {"direct": "#7f7f7f", "proxy": "#1f77b4", "litellm": "#d62728"}
+NAMES = ("direct", "proxy", "floor", "litellm")
+COLOURS = {"direct": "#7f7f7f", "proxy": "#1f77b4", "floor": "#2ca02c", "litellm": "#d62728"}
 NAN = float("nan")
 NOMINAL_GAP_MS = 20.0  # the paced upstream's delay between events
 GAP_SLACK_MS = 5.0  # how far above direct's gap p99 a held stream's gap p99 may go
@@ -216,6 +216,8 @@ def table(results: dict[str, Any]) -> str:
     names = list(f)
     others = [n for n in names if n != "direct"]
     head = ["figure", *names, *(f"{n} / direct" for n in others)]
+    if "floor" in f:
+        head.append("proxy / floor")
     if "litellm" in f:
         head.append("proxy / litellm")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -225,6 +227,8 @@ def table(results: dict[str, Any]) -> str:
             row += ["-"] * (len(head) - len(row))
         else:
             row += [_ratio(f[n][key], f["direct"][key]) for n in others]
+            if "floor" in f:
+                row.append(_ratio(f["proxy"][key], f["floor"][key]))
             if "litellm" in f:
                 row.append(_ratio(f["proxy"][key], f["litellm"][key]))
         lines.append("| " + " | ".join(row) + " |")

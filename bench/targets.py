@@ -136,6 +136,13 @@ def litellm_config(fast: str, paced: str, workdir: Path) -> Path:
     return path
 
 
+def start_floor(fast: str, paced: str, workdir: Path) -> Service:
+    """bench/floor.py: a bare aiohttp forwarder, on the proxy's core."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.floor", str(port), fast, paced]
+    return Service("floor", pinned(PROXY_CORE, argv), port, workdir / "floor.log").start(health="/health")
+
+
 def start_litellm(fast: str, paced: str, workdir: Path) -> Service:
     port = free_port()
     config = litellm_config(fast, paced, workdir)
