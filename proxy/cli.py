@@ -26,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: server.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: server.port, 8080)")
     serve.add_argument("--db", help="ledger SQLite file or postgresql:// URL (default: ledger.url or ledger.path)")
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="processes serving the port (default 1); without state.url they share a private redis-server",
+    )
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.add_argument(
         "--log-format", default="text", choices=["text", "json"], help="one line per request; json for log shippers"
@@ -62,6 +68,16 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help=f"config file (default: ./{DEFAULT_CONFIG} if present)")
 
 
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"expected a number of processes from 1 to 256, got {text!r}")
+    return n
+
+
 def _load(path: str | None) -> Config:
     if path is None:
         path = DEFAULT_CONFIG if Path(DEFAULT_CONFIG).exists() else None
@@ -81,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 db=args.db,
                 log_level=args.log_level,
                 log_format=args.log_format,
+                workers=args.workers,
             )
         if args.command == "check":
             from proxy.ops.check import describe

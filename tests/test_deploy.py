@@ -721,3 +721,121 @@ def test_secret_example_holds_only_placeholders() -> None:
     for key, value in secret["stringData"].items():
         assert PLACEHOLDER.search(value), f"secret.example.yaml: {key} is not an obvious placeholder"
     assert "EXAMPLE" in SECRET_EXAMPLE.read_text().upper().split("\n", 1)[0]
+
+
+# ------------------------------------------------------- several replicas: PostgreSQL and Redis
+
+SHARED = K8S / "shared"
+SHARED_ENV = {KIMI_KEY_ENV: "placeholder", "PROXY_CLIENT_KEY": "placeholder"}
+
+
+def assert_shared_config(config: Config, where: str) -> None:
+    assert config.ledger.url is not None and config.ledger.url.startswith("postgresql://"), where
+    assert config.state.url is not None and config.state.url.startswith("redis://"), where
+    assert posixpath.dirname(config.ledger.path) == LEDGER_DIR, f"{where}: the spill file and journal"
+    assert ":" not in config.ledger.url.split("://", 1)[1].split("@", 1)[0], f"{where}: no password in the url"
+
+
+def test_compose_shared_profile_runs_postgres_redis_and_a_proxy_with_workers_against_them() -> None:
+    services = compose()["services"]
+    for name in ("postgres", "redis", "proxy-shared"):
+        assert services[name]["profiles"] == ["shared"], f"{name} only with --profile shared"
+    for name in ("ollama", "ollama-pull", "proxy"):
+        assert "profiles" not in services[name], f"{name} starts without a profile"
+    shared = services["proxy-shared"]
+    args = parse_cli(strip_proxy(docker_entrypoint() + shared["command"], "proxy-shared"), "proxy-shared")
+    assert args.command == "serve" and args.config == CONFIG_PATH and args.workers >= 2
+    assert args.db is None, "--db would override ledger.url"
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in shared["volumes"]}
+    path = (DEPLOY / mounts[CONFIG_PATH]).resolve()
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    password_env = raw["ledger"]["password_env"]
+    config = build_config(raw, path.name, env={password_env: "placeholder"})
+    assert_shared_config(config, path.name)
+    assert config.ledger.url is not None and "@postgres:" in config.ledger.url and "redis:6379" in str(config.state.url)
+    assert mounts[LEDGER_DIR] in compose()["volumes"]
+    assert duration_seconds(shared["stop_grace_period"]) > config.server.shutdown_timeout_seconds
+    pg = services["postgres"]
+    assert pg["environment"]["POSTGRES_USER"] == "proxy" and pg["environment"]["POSTGRES_DB"] == "proxy"
+    assert f"{password_env}=" in (DEPLOY / "proxy.env.example").read_text().splitlines()
+    assert password_env == "POSTGRES_PASSWORD", "the postgres image and the proxy read the same variable"
+    assert shared["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert shared["depends_on"]["redis"]["condition"] == "service_healthy"
+    published = {str(p).rsplit(":", 2)[-2] for p in shared["ports"]}
+    assert published.isdisjoint(str(p).rsplit(":", 2)[-2] for p in services["proxy"]["ports"]), "distinct host ports"
+
+
+SHARED_FILES = sorted(p for p in SHARED.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_the_shared_k8s_files_exist() -> None:
+    assert {p.name for p in SHARED_FILES} == {"configmap.yaml", "deployment.yaml", "service.yaml"}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("path", SHARED_FILES, ids=lambda p: p.name)
+def test_k8s_shared_manifest_matches_kubernetes_schema(path: Path, version: str) -> None:
+    for doc in load_yaml(path):
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_k8s_shared_deployment_runs_several_replicas_against_postgres_and_redis() -> None:
+    wl = k8s_one("Deployment", SHARED / "deployment.yaml")
+    assert wl["spec"]["replicas"] >= 2 and wl["spec"]["strategy"]["type"] == "RollingUpdate"
+    pod = wl["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = parse_cli(container["args"], "shared/deployment.yaml")
+    assert args.command == "serve" and args.config == CONFIG_PATH and args.db is None and args.workers >= 2
+    assert [p["containerPort"] for p in container["ports"]] == [args.port]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert not any("persistentVolumeClaim" in v for v in volumes.values()), "no per-replica ledger"
+    cm = k8s_one("ConfigMap", SHARED / "configmap.yaml")
+    assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
+    raw = yaml.safe_load(cm["data"][posixpath.basename(CONFIG_PATH)])
+    secret = k8s_one("Secret", SECRET_EXAMPLE)
+    env = {}
+    for e in container["env"]:
+        ref = e["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"], ref
+        env[e["name"]] = secret["stringData"][ref["key"]]
+    assert raw["ledger"]["password_env"] in env, "the PostgreSQL password comes from the Secret"
+    config = build_config(raw, "k8s/shared/configmap.yaml", env=env)
+    assert_shared_config(config, "k8s/shared/configmap.yaml")
+    assert config.auth_required and not config.warnings, config.warnings
+    assert pod["terminationGracePeriodSeconds"] > config.server.shutdown_timeout_seconds
+    service = k8s_one("Service", SHARED / "service.yaml")
+    assert service == k8s_one("Service", K8S / "service.yaml"), "the same Service as deploy/k8s"
+    labels = wl["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+
+
+def test_k8s_shared_kustomization_lists_its_files() -> None:
+    (kust,) = load_yaml(SHARED / "kustomization.yaml")
+    assert sorted(kust["resources"]) == sorted(p.name for p in SHARED_FILES)
+
+
+def test_the_statefulset_is_labelled_as_the_no_database_option() -> None:
+    head = (K8S / "statefulset.example.yaml").read_text(encoding="utf-8").split("apiVersion:", 1)[0]
+    assert "NO-DATABASE OPTION" in head and "shared/" in head and "N times each budget" in head
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="needs kubectl")
+def test_kubectl_kustomize_renders_the_shared_variant() -> None:
+    done = subprocess.run(["kubectl", "kustomize", str(SHARED)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    kinds = sorted(d["kind"] for d in yaml.safe_load_all(done.stdout) if d)
+    assert kinds == ["ConfigMap", "Deployment", "Service"], kinds
+
+
+def _has_compose() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not _has_compose(), reason="needs docker compose")
+@pytest.mark.parametrize("profile", [[], ["--profile", "shared"]], ids=["default", "shared"])
+def test_docker_compose_accepts_the_file(profile: list[str]) -> None:
+    argv = ["docker", "compose", "-f", str(DEPLOY / "docker-compose.yml"), *profile, "config", "-q"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -207,8 +207,13 @@ class Listener(asyncio.AbstractServer):
             conn.close()
 
 
-def bind(host: str, port: int, backlog: int) -> list[socket.socket]:
-    """Listening sockets for every address `host` resolves to, as `loop.create_server` makes them."""
+def bind(host: str, port: int, backlog: int, *, reuse_port: bool = False, listen: bool = True) -> list[socket.socket]:
+    """Listening sockets for every address `host` resolves to, as `loop.create_server` makes them.
+
+    `reuse_port` (SO_REUSEPORT, `proxy serve --workers N`): each worker binds its own socket on
+    the same port and the kernel spreads new connections over the listening ones. With `listen`
+    false the sockets are only bound: the supervisor holds the port that way (a socket that does
+    not listen is never given a connection), and learns which port 0 chose."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     socks: list[socket.socket] = []
     seen: set[tuple[int, object]] = set()
@@ -220,10 +225,15 @@ def bind(host: str, port: int, backlog: int) -> list[socket.socket]:
             sock = socket.socket(family, type_, proto)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(socks) > 1:  # every address on the port the first one was given
+                addr = (addr[0], socks[0].getsockname()[1], *addr[2:])
             sock.bind(addr)
-            sock.listen(backlog)
+            if listen:
+                sock.listen(backlog)
             sock.setblocking(False)
     except OSError:
         for sock in socks:

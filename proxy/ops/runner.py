@@ -82,10 +82,18 @@ class ProxySite(web.BaseSite):
     and out of file descriptors logged and waited out (see proxy/ops/listener.py)."""
 
     def __init__(
-        self, runner: ProxyRunner, host: str, port: int, *, max_connections: int, on_refused: Callable[[str], None]
+        self,
+        runner: ProxyRunner,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        on_refused: Callable[[str], None],
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner)
         self._host, self._port = host, port
+        self._reuse_port = reuse_port
         self._max_connections = max_connections
         self._on_refused = on_refused
 
@@ -98,7 +106,8 @@ class ProxySite(web.BaseSite):
         server = self._runner.server
         assert isinstance(server, _Server)
         limits = Limits(self._max_connections, lambda: server.open, self._on_refused)
-        listener = Listener(asyncio.get_running_loop(), server, bind(self._host, self._port, self._backlog), limits)
+        socks = bind(self._host, self._port, self._backlog, reuse_port=self._reuse_port)
+        listener = Listener(asyncio.get_running_loop(), server, socks, limits)
         listener.start()
         self._server = listener
 
@@ -115,12 +124,21 @@ def runner_for(app: web.Application, spec: ServerSpec, *, handle_signals: bool =
 
 
 def run_until_stopped(
-    app: web.Application, host: str, port: int, spec: ServerSpec, loop: asyncio.AbstractEventLoop
+    app: web.Application,
+    host: str,
+    port: int,
+    spec: ServerSpec,
+    loop: asyncio.AbstractEventLoop,
+    *,
+    reuse_port: bool = False,
+    on_listening: Callable[[], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting, let requests in flight finish for up to
-    `shutdown_timeout_seconds`, and run the app's cleanup (which flushes the ledger)."""
+    `shutdown_timeout_seconds`, and run the app's cleanup (which flushes the ledger).
+    `reuse_port`: one of several workers on the port (proxy/ops/workers.py), which `on_listening`
+    tells once this one accepts connections."""
     asyncio.set_event_loop(loop)
-    main = loop.create_task(_listen(app, host, port, spec))
+    main = loop.create_task(_listen(app, host, port, spec, reuse_port, on_listening))
     try:
         loop.run_until_complete(main)
     except (web.GracefulExit, KeyboardInterrupt):
@@ -137,18 +155,32 @@ def run_until_stopped(
         loop.close()
 
 
-async def _listen(app: web.Application, host: str, port: int, spec: ServerSpec) -> None:
+async def _listen(
+    app: web.Application,
+    host: str,
+    port: int,
+    spec: ServerSpec,
+    reuse_port: bool,
+    on_listening: Callable[[], None] | None,
+) -> None:
     runner = runner_for(app, spec, handle_signals=True)  # SIGTERM/SIGINT raise GracefulExit here
     await runner.setup()
     try:
         metrics = app[STATE].metrics
         site = ProxySite(
-            runner, host, port, max_connections=spec.max_connections, on_refused=metrics.connection_refused
+            runner,
+            host,
+            port,
+            max_connections=spec.max_connections,
+            on_refused=metrics.connection_refused,
+            reuse_port=reuse_port,
         )
         await site.start()
         config = app[STATE].config
         usable = ", ".join(t.id for t in config.usable_tiers) or "none"
         log.info("proxy listening on %s/v1 (config %s; usable tiers: %s)", site.name, config.source, usable)
+        if on_listening is not None:
+            on_listening()
         await asyncio.Event().wait()
     except asyncio.CancelledError:
         log.info(

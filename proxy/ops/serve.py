@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import resource
+from collections.abc import Callable
+
+from aiohttp import web
 
 from proxy.app import LedgerUnavailable, create_app
 from proxy.config import Config
@@ -28,25 +32,61 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def serve(
-    config: Config, *, host: str | None, port: int | None, db: str | None, log_level: str, log_format: str = "text"
+    config: Config,
+    *,
+    host: str | None,
+    port: int | None,
+    db: str | None,
+    log_level: str,
+    log_format: str = "text",
+    workers: int = 1,
 ) -> int:
-    setup_logging(log_level, log_format, buffered=True)
+    # The supervisor of several workers logs each line at once; a worker buffers (see logs.py).
+    setup_logging(log_level, log_format, buffered=workers == 1)
     for w in config.warnings:
         log.warning("%s", w)
     _check_open_files(config, raise_open_files_limit())
     host = _listen_host(config, host)
     port = config.server.port if port is None else port
+    if workers > 1:
+        from proxy.ops.workers import supervise
+
+        def worker(cfg: Config, index: int, bound: int, ready: Callable[[], None]) -> int:
+            setup_logging(log_level, log_format, buffered=True)
+            return _run(cfg, host, bound, db, worker=index, ready=ready)
+
+        return supervise(config, workers, host, port, worker)
+    return _run(config, host, port, db)
+
+
+def _run(
+    config: Config,
+    host: str,
+    port: int,
+    db: str | None,
+    *,
+    worker: int | None = None,
+    ready: Callable[[], None] | None = None,
+) -> int:
     config_path = None if config.source.startswith("<") else config.source
     app = create_app(config, db_path=db, config_path=config_path, require_ledger=True)
     app.cleanup_ctx.append(flush_logs_periodically)
+    if worker is not None:
+        app.on_response_prepare.append(_worker_header)
     try:
-        run_until_stopped(app, host, port, config.server, _new_loop())
+        loop = _new_loop()
+        run_until_stopped(app, host, port, config.server, loop, reuse_port=worker is not None, on_listening=ready)
     except LedgerUnavailable as e:
         log.error("%s", e)
         # 2, like a config error, tells a supervisor (systemd's RestartPreventExitStatus=2) that
         # restarting will not help; a ledger still locked after the retries may be free later.
         return 2 if e.lasting else 1
     return 0
+
+
+async def _worker_header(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """Which of `--workers N` answered (its pid): metrics and /readyz are per worker."""
+    response.headers["X-Proxy-Worker"] = str(os.getpid())
 
 
 def _listen_host(config: Config, given: str | None) -> str:
