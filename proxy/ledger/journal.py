@@ -233,19 +233,19 @@ def _read_segment(path: Path, backlog_only: bool) -> tuple[list[LedgerEntry], in
     return entries, int(bool(tail.strip())), bad
 
 
-def _owned_elsewhere(path: Path) -> bool:
-    """Does a running process still hold this segment (another proxy on the same ledger)?"""
+def _claim(path: Path) -> int | None:
+    """Lock a segment for its replay: its descriptor, or None when a running process holds it
+    (another proxy on the same ledger, or one replaying it right now) or it is gone."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return True  # gone meanwhile: nothing to do
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
-    finally:
         os.close(fd)
-    return False
+        return None
+    return fd
 
 
 async def _write_skipping_rejected(store: Store, chunk: list[LedgerEntry], keep_duplicates: bool) -> int:
@@ -299,9 +299,17 @@ async def replay(store: Store, base: Path, *, batch_size: int = 500) -> ReplayRe
     """
     replayed = skipped = torn = done = 0
     for path in _segments(base):
-        if _owned_elsewhere(path):
+        # Held for the whole replay: two processes starting at once on one ledger (replicas,
+        # `--workers`) must not both replay a segment and trip over its deletion.
+        fd = _claim(path)
+        if fd is None:
             continue
-        r = await replay_segment(store, path, batch_size=batch_size)
+        try:
+            r = await replay_segment(store, path, batch_size=batch_size)
+        except FileNotFoundError:
+            continue  # replayed and deleted by the other process between its lock and ours
+        finally:
+            os.close(fd)
         replayed, skipped, torn, done = replayed + r.replayed, skipped + r.skipped, torn + r.torn, done + 1
     if done:
         log.warning(
