@@ -78,7 +78,9 @@ def retry_after(
         waits.append(wait)
     if not waits:
         return {}
-    return {"Retry-After": str(max(math.ceil(min(waits)), 1))}
+    # A millisecond of slack: `now` and the breaker's opening come from separate clock reads (and,
+    # with shared state, another process), so a 30 s cooldown must not read as 30.0001 -> "31".
+    return {"Retry-After": str(max(math.ceil(min(waits) - 0.001), 1))}
 
 
 def all_open(headers: dict[str, str]) -> Unavailable:
