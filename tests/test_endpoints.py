@@ -179,3 +179,12 @@ async def test_models_retrieve_knows_every_name(make_proxy: ProxyFactory) -> Non
     with pytest.raises(openai.NotFoundError) as e:
         await openai_client.models.retrieve("gpt-9")
     assert "auto" in str(e.value)
+
+
+async def test_a_model_path_without_an_id_is_no_endpoint(make_proxy: ProxyFactory) -> None:
+    client = await make_proxy()
+    for method in ("GET", "POST"):
+        resp = await client.request(method, "/v1/models/")
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "unknown_url"
+    resp = await client.post("/v1/models/llama")
+    assert resp.status == 405 and resp.headers["Allow"] == "GET"

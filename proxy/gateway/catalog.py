@@ -49,8 +49,9 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def unknown_v1(request: web.Request) -> web.Response:
     allowed = _KNOWN.get(request.path)
-    if allowed is None and request.path.startswith("/v1/models/") and request.path.count("/") == 3:
-        allowed = "GET"  # /v1/models/{id}
+    model_id = request.path.removeprefix("/v1/models/")
+    if allowed is None and model_id != request.path and model_id and "/" not in model_id:
+        allowed = "GET"  # /v1/models/{id}; "/v1/models/" itself (no id) is no endpoint
     if allowed is not None and allowed != request.method:
         raise MethodNotAllowed(
             f"Method {request.method} is not allowed on {request.path}; use {allowed}.",
