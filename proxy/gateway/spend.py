@@ -85,10 +85,6 @@ class SpendGate:
         self.held[n] = amount
         return True
 
-    def unhold(self, n: int) -> None:
-        """Attempt `n` was not sent after all."""
-        self._give_back(n, self.held.pop(n, ZERO))
-
     def settle(self, tier: Tier, rec: AttemptRecord) -> None:
         """An attempt is over (and was not a committed stream): hold only what it cost."""
         held = self.held.get(rec.n)
