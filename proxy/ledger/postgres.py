@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -25,7 +24,7 @@ from proxy.ledger import pg_sql
 from proxy.ledger.pg_migrations import Conn, migrate
 from proxy.ledger.pricing import from_nano
 from proxy.ledger.rollups import Rollup
-from proxy.ledger.rows import AttemptRow, LedgerEntry, RequestRow
+from proxy.ledger.rows import AttemptRow, LedgerEntry, RequestRow, renamed, without_taken
 from proxy.ledger.store import RowsRejected, StoreError, StoreUnusable
 
 log = logging.getLogger("proxy.ledger")
@@ -185,36 +184,17 @@ def _columns(rows: Iterable[tuple[Any, ...]], width: int, free_text: tuple[int, 
     return cols
 
 
-def _renamed(entry: LedgerEntry) -> LedgerEntry:
-    new_id = f"{entry.request.id}~{uuid.uuid4().hex[:12]}"
-    log.warning("ledger: request id %s was already recorded; storing this one as %s", entry.request.id, new_id)
-    return LedgerEntry(entry.request._replace(id=new_id), tuple(a._replace(request_id=new_id) for a in entry.attempts))
-
-
-def _unique_in_batch(entries: Sequence[LedgerEntry], keep_duplicates: bool) -> list[LedgerEntry]:
-    seen: set[str] = set()
-    out: list[LedgerEntry] = []
-    for e in entries:
-        if e.request.id in seen:
-            if not keep_duplicates:
-                continue
-            e = _renamed(e)
-        seen.add(e.request.id)
-        out.append(e)
-    return out
-
-
 async def _insert_requests(conn: Conn, entries: Sequence[LedgerEntry], keep_duplicates: bool) -> list[LedgerEntry]:
     """Insert the request rows; an id already stored (by this process, another replica, or an
     earlier import) is renamed and inserted again, or dropped for imports. Returns what went in."""
     done: list[LedgerEntry] = []
-    todo = _unique_in_batch(entries, keep_duplicates)
+    todo = without_taken(entries, set(), keep_duplicates=keep_duplicates)
     width = len(RequestRow._fields)
     while todo:
         cols = _columns((e.request for e in todo), width, pg_sql.FREE_TEXT_REQUEST)
         inserted = {str(r[0]) for r in await conn.fetch(pg_sql.INSERT_REQUESTS, *cols)}
         done.extend(e for e in todo if e.request.id in inserted)
-        todo = [_renamed(e) for e in todo if e.request.id not in inserted] if keep_duplicates else []
+        todo = [renamed(e) for e in todo if e.request.id not in inserted] if keep_duplicates else []
     return done
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -271,3 +272,25 @@ def _attempt_row(request_id: str, a: AttemptRecord, nano: int) -> AttemptRow:
         # A bad answer was judged by definition, whatever the request path set.
         checked=int(a.checked or a.outcome == AttemptOutcome.INVALID_OUTPUT),
     )
+
+
+def renamed(entry: LedgerEntry) -> LedgerEntry:
+    """The entry under a fresh id `<id>~<12 hex>`: its id was stored already (a reused X-Request-Id)."""
+    new_id = f"{entry.request.id}~{uuid.uuid4().hex[:12]}"
+    log.warning("ledger: request id %s was already recorded; storing this one as %s", entry.request.id, new_id)
+    return LedgerEntry(entry.request._replace(id=new_id), tuple(a._replace(request_id=new_id) for a in entry.attempts))
+
+
+def without_taken(entries: Sequence[LedgerEntry], taken: set[str], *, keep_duplicates: bool) -> list[LedgerEntry]:
+    """`entries` with no id in `taken` or twice: live writes keep a reused request id under a new
+    id (a client may reuse X-Request-Id); imports drop it, because there a known id means the row
+    was already imported. `taken` gains the ids kept."""
+    out: list[LedgerEntry] = []
+    for e in entries:
+        if e.request.id in taken:
+            if not keep_duplicates:
+                continue
+            e = renamed(e)
+        taken.add(e.request.id)
+        out.append(e)
+    return out

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
@@ -19,7 +18,7 @@ import aiosqlite
 from proxy.ledger.migrations import migrate
 from proxy.ledger.pricing import ZERO, from_nano
 from proxy.ledger.rollups import insert_rollups
-from proxy.ledger.rows import INSERT_ATTEMPT, INSERT_REQUEST, LedgerEntry, placeholders
+from proxy.ledger.rows import INSERT_ATTEMPT, INSERT_REQUEST, LedgerEntry, placeholders, without_taken
 from proxy.ledger.store import RowsRejected, StoreError, StoreUnusable
 
 log = logging.getLogger("proxy.ledger")
@@ -169,28 +168,9 @@ def _existing_ids(conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
     return found
 
 
-def _renamed(entry: LedgerEntry) -> LedgerEntry:
-    new_id = f"{entry.request.id}~{uuid.uuid4().hex[:12]}"
-    log.warning("ledger: request id %s was already recorded; storing this one as %s", entry.request.id, new_id)
-    return LedgerEntry(
-        entry.request._replace(id=new_id),
-        tuple(a._replace(request_id=new_id) for a in entry.attempts),
-    )
-
-
 def _dedupe(conn: sqlite3.Connection, entries: Sequence[LedgerEntry], *, keep_duplicates: bool) -> list[LedgerEntry]:
-    """Live writes keep a reused request id under a new id (a client may reuse X-Request-Id);
-    imports drop it, because there a known id means the row was already imported."""
     taken = _existing_ids(conn, [e.request.id for e in entries])
-    out: list[LedgerEntry] = []
-    for e in entries:
-        if e.request.id in taken:
-            if not keep_duplicates:
-                continue
-            e = _renamed(e)
-        taken.add(e.request.id)
-        out.append(e)
-    return out
+    return without_taken(entries, taken, keep_duplicates=keep_duplicates)
 
 
 def write_batch(conn: sqlite3.Connection, entries: Sequence[LedgerEntry], keep_duplicates: bool = True) -> int:
