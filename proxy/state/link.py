@@ -37,7 +37,7 @@ class Down(Exception):
     """Redis is not answering: use this process's own state."""
 
 
-_FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+FAILURES: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
 
 class RedisLink:
@@ -82,7 +82,7 @@ class RedisLink:
         try:
             async with asyncio.timeout(self.timeout):
                 return await script(keys=list(keys), args=list(args))
-        except _FAILURES as e:
+        except FAILURES as e:
             self.lost(e)
             raise Down(str(e)) from e
 
@@ -93,7 +93,7 @@ class RedisLink:
         try:
             async with asyncio.timeout(self.timeout):
                 return await fn()
-        except _FAILURES as e:
+        except FAILURES as e:
             self.lost(e)
             raise Down(str(e)) from e
 
@@ -143,12 +143,12 @@ class RedisLink:
             try:
                 async with asyncio.timeout(self.timeout):
                     await self.client.zrem(self.key("procs"), self.proc_id)
-            except _FAILURES:
+            except FAILURES:
                 pass
         try:
             async with asyncio.timeout(max(self.timeout, 1.0)):
                 await self.client.aclose()
-        except _FAILURES as e:
+        except FAILURES as e:
             log.warning("state: closing the Redis connections: %s", _describe(e))
         log.info("state: Redis link closed")
 
@@ -192,7 +192,7 @@ class RedisLink:
                     await self._heartbeat()
                 for step in self.on_tick:
                     await step()
-            except _FAILURES as e:
+            except FAILURES as e:
                 self.lost(e)
             except Down:
                 pass

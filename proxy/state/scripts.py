@@ -124,16 +124,22 @@ return wait
 )
 
 # One tier's breaker (the rules of gateway/breaker.py, across processes). KEYS: its hash, its probe
-# lease. ARGV: op (acquire, success, failure, neutral, trip), ticket epoch, probe (0/1), bad answer
-# (0/1), last resort (0/1), threshold, cooldown ms, probes to close, probe lease ms, ttl ms.
+# lease, the breakers' event channel. ARGV: op (acquire, success, failure, neutral, trip), ticket
+# epoch, probe (0/1), bad answer (0/1), last resort (0/1), threshold, cooldown ms, probes to close,
+# probe lease ms, ttl ms, tier id.
 # -> {acquired (0 no, 1 ticket, 2 the probe's ticket), epoch, ms until half-open (-1 closed, 0 half-open),
-#     opened for ('', bad_answers, failures), a probe is out (0/1)}
+#     opened for ('', bad_answers, failures), a probe is out (0/1), consecutive failures, version}
+# Every change bumps `ver` (ms since the epoch at first) and is published on the channel as
+# `tier|ver|epoch|left|opened for|failures`, so each process's mirror follows without asking.
 BREAKER = (
     _NOW
     + """
-local f = redis.call('HMGET', KEYS[1], 'epoch', 'failures', 'bad', 'opened_at', 'opened_for', 'psucc')
+local f = redis.call('HMGET', KEYS[1], 'epoch', 'failures', 'bad', 'opened_at', 'opened_for', 'psucc', 'ver')
 local epoch, failures, bad = tonumber(f[1] or '0'), tonumber(f[2] or '0'), tonumber(f[3] or '0')
 local opened_at, opened_for, psucc = tonumber(f[4] or '-1'), f[5] or '', tonumber(f[6] or '0')
+-- A breaker's first change numbers itself from the clock: later than any earlier life of its hash
+-- (expired, or a Redis restarted empty), so the mirrors never take the new changes for old ones.
+local ver = tonumber(f[7] or tostring(now))
 local op, tepoch, probe, isbad = ARGV[1], tonumber(ARGV[2]), ARGV[3] == '1', ARGV[4] == '1'
 local threshold, cooldown, to_close = tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local dirty, result = false, 0
@@ -176,13 +182,15 @@ elseif tepoch == epoch then
     if opened_at < 0 then open(bad * 2 > failures) end
   end
 end
-if dirty then
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'failures', failures, 'bad', bad,
-             'opened_at', opened_at, 'opened_for', opened_for, 'psucc', psucc)
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[10]))
-end
 local left = -1
 if opened_at >= 0 then left = math.max(opened_at + cooldown - now, 0) end
-return {result, epoch, left, opened_for, redis.call('EXISTS', KEYS[2])}
+if dirty then
+  ver = ver + 1
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'failures', failures, 'bad', bad,
+             'opened_at', opened_at, 'opened_for', opened_for, 'psucc', psucc, 'ver', ver)
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[10]))
+  redis.call('PUBLISH', KEYS[3], table.concat({ARGV[11], ver, epoch, left, opened_for, failures}, '|'))
+end
+return {result, epoch, left, opened_for, redis.call('EXISTS', KEYS[2]), failures, ver}
 """
 )

@@ -44,6 +44,7 @@ class SharedState:
 
     async def close(self) -> None:
         await self.spend.close()
+        await self.breakers.close()
         await self.link.close()
 
     async def admit(self, key: ClientKey) -> None:
