@@ -1,7 +1,8 @@
-"""`python -m bench [--quick] [--with-litellm] [--profile]`: one run, the same load three ways.
+"""`python -m bench [--quick] [--with-litellm] [--profile] [--no-scale]`: one run, the same load several ways.
 
-direct (the upstream itself), proxy (`proxy serve` with the ledger on), litellm (LiteLLM's proxy
-with the same upstream and a fallback list). Results: bench/results/results-{full,quick}.json,
+direct (the upstream itself), proxy (`proxy serve` with the ledger on), floor (a bare aiohttp
+forwarder), litellm (LiteLLM's proxy with the same upstream and a fallback list); then the
+scale-out figures (bench/scale.py: `--workers 2`, PostgreSQL + Redis). Results: bench/results/results-{full,quick}.json,
 a chart next to it, and BENCHMARKS.md (full runs). See BENCHMARKS.md for the method.
 """
 
@@ -26,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import gatecost, load, report, targets, upstream
+from bench import gatecost, load, report, scale, targets, upstream
 from bench.procs import (
     LOAD_CORE,
     PROXY_CORE,
@@ -66,11 +67,12 @@ class Plan:
     gate_rounds: int = 10  # the quality gate's cost: rounds of checked and unchecked at once
     gate_s: float = 2
     gate_reps: int = 20_000  # ... and in-process repetitions per block
+    scale: scale.ScalePlan = scale.FULL_SCALE  # --workers 2, PostgreSQL + Redis (bench/scale.py)
 
 
 QUIET_SHARE = 0.05  # share of the machine's CPU other processes may use during a phase
 
-QUICK = Plan(1, 2, 1, 2, 1, 3, 1, 1, 8, 1.5, (32,), 1.5, 4, 5, 10, 2, 1, 2_000)
+QUICK = Plan(1, 2, 1, 2, 1, 3, 1, 1, 8, 1.5, (32,), 1.5, 4, 5, 10, 2, 1, 2_000, scale.QUICK_SCALE)
 
 
 @dataclass
@@ -495,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short smoke run (< 1 minute)")
     parser.add_argument("--with-litellm", action="store_true", help="also measure LiteLLM's proxy (installs it)")
     parser.add_argument("--profile", action="store_true", help="finish with a py-spy profile of the proxy")
+    parser.add_argument("--no-scale", action="store_true", help="skip --workers 2 and PostgreSQL + Redis")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else Plan()
     started = time.monotonic()
@@ -537,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(plan, tool, workdir, systems, twin)
         results: dict[str, Any] = {"meta": machine(fast_kind, tool, args.with_litellm) | {"run": kind}}
         results |= bench.run_all(args.profile)
+        if not args.no_scale:
+            Bench.wait_quiet({s.service.pid for s in systems}, plan.quiet_wait_s)
+            results["scale"] = scale.run(tool, fast_url, paced_url, workdir / "scale", plan.scale)
         results["resources_after"] = {s.name: memory_mb(s.service.pid) for s in systems}
         code = proxy_svc.stop(signal.SIGTERM)
         proxy = systems[1]

@@ -283,8 +283,11 @@ ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
 
 
 def markdown(results: dict[str, Any], json_path: Path, chart_path: Path) -> str:
+    from bench import scale
+
     analysis = ANALYSIS.read_text() if ANALYSIS.exists() else ""
-    return _generated(results, json_path, chart_path) + ("\n" + analysis if analysis else "")
+    scaled = "\n" + scale.markdown(results["scale"]) if "scale" in results else ""
+    return _generated(results, json_path, chart_path) + scaled + ("\n" + analysis if analysis else "")
 
 
 def _generated(results: dict[str, Any], json_path: Path, chart_path: Path) -> str:
