@@ -97,3 +97,19 @@ async def test_missing_key_is_a_startup_warning_naming_tier_and_variable(tmp_pat
     assert await run.stop() == 0
     err = run.log_text()
     assert "tier 'kimi' is skipped" in err and "MOONSHOT_API_KEY" in err
+
+
+async def test_check_names_the_ledger_and_the_shared_state_without_their_passwords(tmp_path: Path) -> None:
+    cfg = tmp_path / "proxy.yaml"
+    cfg.write_text(
+        "ledger: {url: 'postgresql://proxy:pg-secret-pw@db:5432/proxy?password=pg-secret-pw', password_env: PGPW}\n"
+        "state: {url: 'redis://:redis-secret-pw@cache:6380/2', prefix: team}\n"
+    )
+    rc, out, _ = await run_cli("check", "--config", str(cfg), env={**os.environ, "PGPW": "pg-secret-pw"})
+    assert rc == 0, out
+    assert "ledger: PostgreSQL postgresql://proxy@db:5432/proxy (password from $PGPW)" in out
+    assert "shared state: Redis redis://cache:6380/2, keys {team}:*" in out
+    assert "secret-pw" not in out
+    cfg.write_text(f"ledger: {{path: {tmp_path / 'l.db'}}}\n")
+    rc, out, _ = await run_cli("check", "--config", str(cfg))
+    assert f"ledger: {tmp_path / 'l.db'} (SQLite)" in out and "shared state: none" in out

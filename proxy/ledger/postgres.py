@@ -56,7 +56,8 @@ def redact(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
-        netloc = f"{userinfo.split(':', 1)[0]}@{host}"
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}@{host}" if user else host
     query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"])
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 

@@ -47,7 +47,7 @@ def describe(config: Config) -> str:
         f"escalation: after {config.routing.escalate_after_failures} consecutive failures of "
         f"{config.routing.primary!r}, for {config.routing.breaker_cooldown_seconds:g}s; {outage}; "
         "every breaker open: 503 at once with Retry-After, one probe per tier per cooldown",
-        f"ledger: {config.ledger.path}",
+        *_storage(config),
         _quality(config),
         _server(config),
         _cors(config),
@@ -57,6 +57,25 @@ def describe(config: Config) -> str:
     if config.warnings:
         lines += ["", "warnings:", *(f"  - {w}" for w in config.warnings)]
     return "\n".join(lines)
+
+
+def _storage(config: Config) -> list[str]:
+    from proxy.ledger.postgres import redact  # for URLs of both kinds; asyncpg only for `check`
+
+    led, st = config.ledger, config.state
+    if led.url is None:
+        ledger = f"ledger: {led.path} (SQLite)"
+    else:
+        pw = f"${led.password_env}" if led.password_env else "the URL, PGPASSWORD or ~/.pgpass"
+        ledger = f"ledger: PostgreSQL {redact(led.url)} (password from {pw}); spill file and journal beside {led.path}"
+    if st.url is None:
+        state = (
+            "shared state: none: budgets, client limits and breakers live in this process "
+            "(`--workers N` shares them through a private redis-server)"
+        )
+    else:
+        state = f"shared state: Redis {redact(st.url)}, keys {{{st.prefix}}}:*, timeout {st.timeout_ms} ms"
+    return [ledger, state]
 
 
 def _transport(t: Transport) -> str:

@@ -37,7 +37,13 @@ async def get_readyz(request: web.Request) -> web.Response:
     if state.shared is not None:
         # Still ready while Redis is lost (calls are served on this process's own state); said here.
         st = state.shared.status()
-        doc["state"] = {"backend": st.backend, "shared": st.shared, "since": st.since, "fallbacks": st.fallbacks}
+        doc["state"] = {
+            "backend": st.backend,
+            "shared": st.shared,
+            "since": st.since,
+            "fallbacks": st.fallbacks,
+            "processes": st.processes,
+        }
         if not st.shared:
             doc["state"]["error"] = st.error  # type: ignore[index]
     if state.config.auth_required and CLIENT_KEY not in request:
