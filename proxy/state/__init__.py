@@ -6,6 +6,7 @@ or Valkey, shared by every process and machine that names it.
   when Redis fails, the heartbeat, reconnecting and rejoining in the background
 - `scripts.py`: the Lua scripts that make each rule atomic across processes
 - `spend.py`: budget reservations and spend per window, each client key's daily spend
-- `breakers.py`: each tier's breaker and its single half-open probe
+- `breakers.py`: each tier's breaker and its single half-open probe, mirrored in each process from
+  Redis's events (no round trip on a closed breaker)
 - `shared.py`: the whole, as the app holds it (rates per client key, status for /readyz and /metrics)
 """
