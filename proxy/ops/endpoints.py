@@ -17,6 +17,7 @@ from proxy.gateway.state import CLIENT_KEY, STATE
 from proxy.ledger.budget import budget_json
 from proxy.ledger.report import parse_since
 from proxy.ledger.report_read import build_report
+from proxy.ops.worker_metrics import WORKER_METRICS
 
 # The document carries the package's version, written once in proxy/__init__.py.
 _OPENAPI = importlib.resources.files("proxy") / "openapi.yaml"
@@ -61,7 +62,11 @@ async def get_readyz(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    body, content_type = request.app[STATE].metrics.render()
+    workers = request.app.get(WORKER_METRICS)  # set by `proxy serve --workers N` only
+    if workers is None:
+        body, content_type = request.app[STATE].metrics.render()
+    else:
+        body, content_type = await workers.render(request.app)
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 

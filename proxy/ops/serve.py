@@ -15,6 +15,7 @@ from proxy.app import LedgerUnavailable, create_app
 from proxy.config import Config
 from proxy.ops.logs import flush_logs_periodically, setup_logging
 from proxy.ops.runner import run_until_stopped
+from proxy.ops.worker_metrics import Worker, serve_worker_metrics
 
 log = logging.getLogger("proxy")
 
@@ -51,9 +52,9 @@ def serve(
     if workers > 1:
         from proxy.ops.workers import supervise
 
-        def worker(cfg: Config, index: int, bound: int, ready: Callable[[], None]) -> int:
+        def worker(cfg: Config, which: Worker, bound: int, ready: Callable[[], None]) -> int:
             setup_logging(log_level, log_format, buffered=True)
-            return _run(cfg, host, bound, db, worker=index, ready=ready)
+            return _run(cfg, host, bound, db, worker=which, ready=ready)
 
         return supervise(config, workers, host, port, worker)
     return _run(config, host, port, db)
@@ -65,7 +66,7 @@ def _run(
     port: int,
     db: str | None,
     *,
-    worker: int | None = None,
+    worker: Worker | None = None,
     ready: Callable[[], None] | None = None,
 ) -> int:
     config_path = None if config.source.startswith("<") else config.source
@@ -73,6 +74,7 @@ def _run(
     app.cleanup_ctx.append(flush_logs_periodically)
     if worker is not None:
         app.on_response_prepare.append(_worker_header)
+        serve_worker_metrics(app, worker)
     try:
         loop = _new_loop()
         run_until_stopped(app, host, port, config.server, loop, reuse_port=worker is not None, on_listening=ready)
@@ -85,7 +87,7 @@ def _run(
 
 
 async def _worker_header(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """Which of `--workers N` answered (its pid): metrics and /readyz are per worker."""
+    """Which of `--workers N` answered (its pid): /readyz is per worker."""
     response.headers["X-Proxy-Worker"] = str(os.getpid())
 
 

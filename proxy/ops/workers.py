@@ -20,8 +20,11 @@
 - **A worker that dies is restarted**, logged as an error, unless it exited with status 2 (the
   config or the ledger is unusable: restarting will not help; the supervisor stops all and exits
   2) or more than RESTARTS_ALLOWED restarts happened within RESTART_WINDOW seconds (it exits 1).
-- **Metrics are per worker**: /metrics, /readyz and /proxy/report are answered by whichever
-  worker accepted the connection; every response carries `X-Proxy-Worker: <pid>`.
+- **Metrics cover every worker**: each serves its own on a Unix socket in a directory of the
+  supervisor's (mode 0700, removed at exit), and the one that answers /metrics merges them all,
+  labelled `worker="<index>"` (proxy/ops/worker_metrics.py). /readyz and /proxy/report are
+  answered by whichever worker accepted the connection; every response carries
+  `X-Proxy-Worker: <pid>`.
 """
 
 from __future__ import annotations
@@ -30,18 +33,22 @@ import dataclasses
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
+from pathlib import Path
 
 import msgspec
 
 from proxy.config import Config
 from proxy.ops.listener import bind
 from proxy.ops.local_state import INSTALL_HINT, PrivateRedis, die_with_parent, redis_binary
+from proxy.ops.worker_metrics import Worker
 
 log = logging.getLogger("proxy")
 
@@ -53,8 +60,8 @@ PRIVATE_TIMEOUT_MS = 2000  # state.timeout_ms for the private state, at least
 
 READY_SECONDS = 60.0  # the first worker's start (it replays what a crash left in the journal)
 
-# Runs one worker to its exit status: (config, worker index, port, call once listening) -> status.
-RunWorker = Callable[[Config, int, int, Callable[[], None]], int]
+# Runs one worker to its exit status: (config, which worker, port, call once listening) -> status.
+RunWorker = Callable[[Config, Worker, int, Callable[[], None]], int]
 
 
 def supervise(config: Config, n: int, host: str, port: int, run_worker: RunWorker) -> int:
@@ -81,6 +88,7 @@ def supervise(config: Config, n: int, host: str, port: int, run_worker: RunWorke
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     redis = None if binary is None else PrivateRedis(binary, before_exec=unblock)
+    sockets = Path(tempfile.mkdtemp(prefix="proxy-workers-"))  # mode 0700: the workers' metrics sockets
     try:
         if redis is not None:
             redis.start()
@@ -89,11 +97,12 @@ def supervise(config: Config, n: int, host: str, port: int, run_worker: RunWorke
             timeout = max(config.state.timeout_ms, PRIVATE_TIMEOUT_MS)
             state = msgspec.structs.replace(config.state, url=redis.url, timeout_ms=timeout)
             config = dataclasses.replace(config, state=state)
-        return Supervisor(config, n, port, run_worker, hold, old_mask, redis).run()
+        return Supervisor(config, n, port, run_worker, hold, old_mask, redis, sockets).run()
     except RuntimeError as e:
         log.error("workers: %s", e)
         return 1
     finally:
+        shutil.rmtree(sockets, ignore_errors=True)
         if redis is not None:
             redis.remove()
         for s in hold:
@@ -111,8 +120,10 @@ class Supervisor:
         hold: list[socket.socket],
         mask: set[int | signal.Signals],
         redis: PrivateRedis | None,
+        sockets: Path,
     ) -> None:
         self.config, self.n, self.port = config, n, port
+        self.sockets = sockets
         self.run_worker = run_worker
         self.hold, self.mask, self.redis = hold, mask, redis
         self.workers: dict[int, int] = {}  # pid -> worker index
@@ -128,7 +139,13 @@ class Supervisor:
         self._spawn(0, wait=True)
         for i in range(1, self.n):
             self._spawn(i)
-        log.info("workers: %d serving port %d (supervisor pid %d)", self.n, self.port, self.pid)
+        log.info(
+            "workers: %d serving port %d (supervisor pid %d; metrics sockets in %s)",
+            self.n,
+            self.port,
+            self.pid,
+            self.sockets,
+        )
         while True:
             info = signal.sigtimedwait(SIGNALS, 0.5)
             if info is not None:
@@ -260,7 +277,7 @@ class Supervisor:
                     os.write(ready_fd, b"1")
                     os.close(ready_fd)
 
-            code = self.run_worker(self.config, index, self.port, ready)
+            code = self.run_worker(self.config, Worker(index, self.n, self.sockets), self.port, ready)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:
