@@ -21,7 +21,7 @@ import pytest
 
 from proxy.sim import Behaviour
 from tests.support.faults import KIMI_ENV, SimThread
-from tests.support.proc import ProxyProc, start_proxy
+from tests.support.proc import ProxyProc, start_proxies
 from tests.support.redis_server import RedisServer
 from tests.test_state_redis import BUDGET, PER_CALL, metric, shared_config, stop_all
 from tests.test_workers import workers
@@ -104,7 +104,7 @@ async def test_replicas_started_apart_share_by_state_processes(
     sims.reset()
     sims.sims["kimi"].always(Behaviour(no_usage=True, headers_delay=0.3))
     config = frozen_config(sims, tmp_path, redis_server, processes=2)
-    procs = [await start_proxy(tmp_path / f"r{i}", config, KIMI_ENV) for i in range(2)]  # one after the other
+    procs = await start_proxies(tmp_path, config, KIMI_ENV, 2, together=False)  # the second sees the first
     freeze(redis_server)
     try:
         answers = await paid_calls(session, procs, 100)
@@ -123,7 +123,7 @@ async def test_a_process_that_left_the_heartbeat_still_counts(
     sims.sims["kimi"].always(Behaviour(no_usage=True, headers_delay=0.3))
     config = frozen_config(sims, tmp_path, redis_server)
     config["state"]["reconnect_seconds"] = 0.1  # heartbeats: the first sees the second, then not
-    first, second = [await start_proxy(tmp_path / f"r{i}", config, KIMI_ENV) for i in range(2)]
+    first, second = await start_proxies(tmp_path, config, KIMI_ENV, 2, together=False)
     try:
         await until(lambda: metric(session, first, "proxy_state_processes"), 2.0)
         await stop_all([second])

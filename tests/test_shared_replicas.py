@@ -25,7 +25,7 @@ from proxy.ledger.report_read import build_report
 from proxy.sim import Behaviour
 from tests.support.faults import KIMI_ENV, SimThread, chat_body
 from tests.support.postgres import PostgresServer, remove, start_server
-from tests.support.proc import ProxyProc, start_proxy
+from tests.support.proc import ProxyProc, start_proxies
 from tests.support.redis_server import RedisServer
 from tests.test_state_redis import PER_CALL, shared_config, stop_all
 
@@ -143,7 +143,7 @@ async def test_three_replicas_one_postgres_one_redis_under_concurrent_load(
         auth={"keys": keys},
     )
     env = {**KEYS_ENV, PW_ENV: pg.password}
-    procs = list(await asyncio.gather(*(start_proxy(tmp_path / f"r{i}", config, env) for i in range(REPLICAS))))
+    procs = await start_proxies(tmp_path, config, env, REPLICAS)
     gate = asyncio.Semaphore(IN_FLIGHT)
     try:
         sent = await asyncio.gather(*(send(session, procs[i % REPLICAS], i, gate) for i in range(REQUESTS)))
