@@ -802,6 +802,8 @@ def test_k8s_shared_deployment_runs_several_replicas_against_postgres_and_redis(
     config = build_config(raw, "k8s/shared/configmap.yaml", env=env)
     assert_shared_config(config, "k8s/shared/configmap.yaml")
     assert config.auth_required and not config.warnings, config.warnings
+    # Every process counted while Redis is lost, even one whose heartbeat never saw the others.
+    assert config.state.processes >= wl["spec"]["replicas"] * args.workers
     assert pod["terminationGracePeriodSeconds"] > config.server.shutdown_timeout_seconds
     service = k8s_one("Service", SHARED / "service.yaml")
     assert service == k8s_one("Service", K8S / "service.yaml"), "the same Service as deploy/k8s"

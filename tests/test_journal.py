@@ -5,8 +5,10 @@ tests/test_adversarial.py."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 
 from proxy.ledger import Ledger, LedgerEntry, Pricer, SqliteStore
@@ -60,7 +62,7 @@ def journal_of(db: Path, es: list[LedgerEntry], rotate_bytes: int = 1 << 20) -> 
 
 def release(j: Journal) -> None:
     """The journal of a process that died: its fd (and with it the flock) is gone."""
-    j._close_fd()
+    j._close_fds()
 
 
 # ---------------------------------------------------------------------------- the journal's rules
@@ -217,3 +219,51 @@ async def test_rows_only_in_the_journal_survive_a_crash(tmp_path: Path) -> None:
     await again.start()
     await again.close()
     assert ids(db) == {f"j-{i}" for i in range(40)}
+
+
+async def test_a_replay_never_takes_a_segment_another_process_is_creating(tmp_path: Path) -> None:
+    """Replicas (or a restarted worker) starting on a ledger whose journal another running process
+    rotates: every segment of a live process is locked from before it appears to its deletion.
+    A fresh one seen unlocked before its flock was claimed by the replay and deleted: the running
+    process then failed to start (its flock refused) or appended to a deleted file, lost at its
+    next crash; a rotated-away one (unlocked) with entries not yet written was replayed, and the
+    writer then stored them again, renamed."""
+    db = tmp_path / "ledger.db"
+    base = journal_base(Path(f"{db}.spill.jsonl"))
+    line = entries(1, "live")[0].to_json()
+    live = Journal(base, rotate_bytes=1)  # a new segment after every entry
+    stop = threading.Event()
+    problems: list[str] = []
+
+    def rotate_all_the_time() -> None:
+        appended = 0
+        while not stop.is_set():
+            try:
+                live.rotate()
+            except OSError as e:  # BlockingIOError: the replay held the lock of the fresh file
+                problems.append(f"rotate: {e!r}")
+                return
+            live.append(line)
+            appended += 1
+            if appended > 3:  # a writer 3 entries behind: rotated-away segments still hold some
+                live.committed(1)
+            current = live._paths[live._seq]
+            if not current.exists() or os.stat(current).st_ino != os.fstat(live._fd).st_ino:
+                problems.append(f"{current.name} was deleted while in use")
+                return
+
+    store = SqliteStore(db)
+    await store.open()
+    rotating = threading.Thread(target=rotate_all_the_time)
+    rotating.start()
+    try:
+        for _ in range(400):
+            await replay(store, base)
+            if problems:
+                break
+    finally:
+        stop.set()
+        rotating.join(5)
+        await store.close()
+    assert problems == []
+    assert live.segment_count >= 1 and ids(db) == set(), "no live entry was taken for a dead run's"

@@ -192,7 +192,7 @@ async def test_journal_lines_from_before_the_endpoint_still_replay(tmp_path: Pat
     journal = Journal(journal_base(spill_path(db)))
     journal.open()
     journal.append(_line_from_before("j-old"))
-    journal._close_fd()  # the process died: the segment is left behind, unlocked
+    journal._close_fds()  # the process died: the segment is left behind, unlocked
     store = SqliteStore(db)
     await store.open()
     try:

@@ -17,7 +17,7 @@ import pytest
 
 from proxy.sim import Behaviour
 from tests.support.faults import KIMI_ENV, SimThread, proxy_config, tiers_for
-from tests.support.proc import ProxyProc, start_proxy
+from tests.support.proc import ProxyProc, start_proxies
 from tests.support.redis_server import RedisServer
 
 BUDGET = Decimal("0.01")
@@ -62,7 +62,7 @@ def shared_config(sims: SimThread, tmp_path: Path, redis: RedisServer, **section
 
 
 async def replicas(tmp_path: Path, config: dict[str, Any], n: int) -> list[ProxyProc]:
-    return list(await asyncio.gather(*(start_proxy(tmp_path / f"r{i}", config, KEY_ENV) for i in range(n))))
+    return await start_proxies(tmp_path, config, KEY_ENV, n)
 
 
 async def stop_all(procs: list[ProxyProc]) -> None:

@@ -159,6 +159,11 @@ class StateSpec(Strict, frozen=True):
     reconnect_seconds: Annotated[float, msgspec.Meta(gt=0, le=300)] = 1.0  # the background retry and heartbeat
     # A reservation not settled by then is dropped (its process died holding it); above the request deadline.
     hold_seconds: Annotated[float, msgspec.Meta(gt=0)] = 600.0
+    # How many processes share this state across every machine, at least (replicas x workers).
+    # While Redis is lost each takes 1/N of what is left, N the largest of this, `--workers` and
+    # the most processes its heartbeat has seen: a process that never saw the others (it started
+    # first, or Redis failed at once) would otherwise count itself alone and take everything.
+    processes: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
 
 
 class QualitySpec(Strict, frozen=True):

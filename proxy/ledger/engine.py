@@ -1,10 +1,15 @@
-"""Which store a ledger target names: the SQLite file (the default) or PostgreSQL (`ledger.url`)."""
+"""Which store a ledger target names: the SQLite file (the default) or PostgreSQL (`ledger.url`);
+and `rebuild_rollups` for a connection to either."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import aiosqlite
+
 from proxy.config import Config
+from proxy.ledger import postgres, rollups
+from proxy.ledger.pg_migrations import Conn
 from proxy.ledger.postgres import PostgresStore, is_postgres_url
 from proxy.ledger.sqlite import SqliteStore
 from proxy.ledger.store import Store
@@ -26,3 +31,16 @@ def store_for(config: Config, target: str | Path | None = None, *, busy_timeout_
         return PostgresStore(url, spill_base=ledger.path, password=password)
     timeout = ledger.busy_timeout_ms if busy_timeout_ms is None else busy_timeout_ms
     return SqliteStore(target, busy_timeout_ms=timeout)
+
+
+async def rebuild_rollups(conn: aiosqlite.Connection | Conn) -> None:
+    """Recompute the daily tables from the raw rows, in one transaction: `conn` is the file's
+    (aiosqlite, `open_db`) or a PostgreSQL ledger's (asyncpg, pooled or not).
+
+    For rows inserted or deleted by hand or by bulk tools that bypass the Ledger, and for a
+    future migration that adds a rollup column.
+    """
+    if isinstance(conn, aiosqlite.Connection):
+        await rollups.rebuild_rollups(conn)
+    else:
+        await postgres.rebuild_rollups(conn)

@@ -18,8 +18,9 @@ When the writer falls far behind, entries past the queue's cap are kept only
 here: their segments are pinned, and the writer reads them back once it has caught up
 (`backlog_ready`), so memory stays bounded and nothing waits for a restart.
 
-Each live segment holds an exclusive flock: a replay skips a segment that another running
-proxy still owns, and the kernel drops the lock when its owner dies.
+Each segment holds its owner's exclusive flock from before it appears under its name until it
+is deleted: a replay skips a segment that another running proxy still owns (several replicas or
+workers may share one ledger path), and the kernel drops the lock when its owner dies.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class Journal:
         self._rotate_bytes = rotate_bytes
         self._run = time.time_ns()
         self._seq = 0
-        self._fd = -1
+        self._fd = -1  # the current segment's
+        self._fds: dict[int, int] = {}  # every segment not yet deleted -> its descriptor, holding its lock
         self._size = 0  # bytes in the current segment, to cut a short write back to whole lines
         self._paths: dict[int, Path] = {}  # segments of this run not yet deleted
         self._runs: deque[list[int]] = deque()  # [segment, queued entries] in queue order
@@ -157,6 +159,7 @@ class Journal:
         seg = next(s for s, p in self._paths.items() if p == path)
         self._pinned.pop(seg, None)
         del self._paths[seg]
+        self._unlock(seg)
 
     def keep(self) -> None:
         """Entries were lost by the store and the spill file: leave every segment for a replay."""
@@ -165,9 +168,9 @@ class Journal:
             log.error("ledger: the journal %s.* is kept for the next start to replay", self.base)
 
     def close(self) -> None:
-        """After the last batch: delete what is committed, keep the rest for the next start."""
-        self._close_fd()
+        """After the last batch: delete what is committed, keep the rest (unlocked) for the next start."""
         self._release(final=True)
+        self._close_fds()
 
     def _release(self, *, final: bool = False) -> None:
         if self._keep:
@@ -177,27 +180,46 @@ class Journal:
             with contextlib.suppress(FileNotFoundError):
                 self._paths[seg].unlink()
             del self._paths[seg]
+            self._unlock(seg)  # after the unlink: never there and unlocked while this process lives
 
     def _open_next(self) -> None:
         path = self.base.with_name(f"{self.base.name}.{self._run}.{self._seq + 1}")
+        # Created and locked under a name no replay lists, then linked into place: a replay by
+        # another process starting on this ledger that saw it unlocked would delete it as a dead run's.
+        fresh = self.base.with_name(f"{self.base.name}-new.{self._run}.{self._seq + 1}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(fresh, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as e:
             self._failed(f"cannot create {path}: {e}")  # the current segment, if any, goes on
             return
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: nobody else can hold it
-        self._close_fd()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody else knows the name yet
+            os.link(fresh, path)  # not rename: fails rather than replace an existing segment
+        except OSError as e:
+            os.close(fd)
+            self._failed(f"cannot create {path}: {e}")
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(fresh)
         self._seq += 1
         self._fd, self._size = fd, 0
-        self._paths[self._seq] = path
-        self._release()
+        self._paths[self._seq], self._fds[self._seq] = path, fd
+        self._release()  # the previous segment keeps its lock until it is deleted
 
-    def _close_fd(self) -> None:
-        if self._fd >= 0:
+    def _unlock(self, seg: int) -> None:
+        fd = self._fds.pop(seg, -1)
+        if fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
+                os.close(fd)
+        if fd == self._fd:
             self._fd = -1
+
+    def _close_fds(self) -> None:
+        """Every descriptor, and with them the locks (as when the process dies)."""
+        for seg in list(self._fds):
+            self._unlock(seg)
 
     def _failed(self, why: str) -> None:
         if not self._failing:

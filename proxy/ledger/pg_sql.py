@@ -1,5 +1,6 @@
 """The SQL the PostgreSQL store runs for a batch: multi-row inserts through `unnest` and the
-rollup upserts, made from the same column lists as the SQLite statements (rows.py, rollups.py)."""
+rollup upserts, made from the same column lists as the SQLite statements (rows.py, rollups.py);
+and the statements that rebuild the rollups from the raw rows."""
 
 from __future__ import annotations
 
@@ -111,3 +112,62 @@ SPEND_SINCE = "SELECT coalesce(sum(cost_nano_usd), 0) FROM daily_usage WHERE day
 CLIENT_SPEND_SINCE = (
     "SELECT client, sum(cost_nano_usd) FROM requests WHERE started_at >= $1 AND client IS NOT NULL GROUP BY client"
 )
+
+
+# ---------------------------------------------------------------------------- rebuild_rollups
+# The daily tables recomputed from the raw rows (postgres.rebuild_rollups), column for column
+# what the SQLite script in rollups.py makes and the upserts above add up. The SQL differs from
+# SQLite's only where the dialects do: a count with FILTER for SQLite's sum of a comparison,
+# `coalesce(sum(..), 0)` for `total(..)`, `=` for `IS 'text'` (NULL counts in neither), and the
+# latency bucket as an expression rather than a Python function, its constants passed from rows.py.
+
+# The order the writer upserts them in (postgres._write_batch): locks taken in one order.
+REBUILD_TABLES = ("daily_usage", "daily_attempts", "daily_latency", "daily_endpoints")
+
+# rows.latency_bucket(ms): 0 for <= 1 ms (and NaN, which PostgreSQL sorts above every number),
+# else 1 + floor(ln(min(ms, ceiling)) / ln(1.05)). $1 = ln(1.05), $2 = the ceiling, as float8.
+_BUCKET = (
+    "CASE WHEN {ms} > 1.0 AND {ms} <> 'NaN' THEN 1 + floor(ln(least({ms}, $2::float8)) / $1::float8)::int ELSE 0 END"
+)
+
+REBUILD_USAGE = f"""
+INSERT INTO daily_usage ({USAGE_COLUMNS})
+SELECT substr(started_at, 1, 10), coalesce(tier, ''), route, coalesce(paid, 0), count(*),
+       count(*) FILTER (WHERE outcome = 'error'), count(*) FILTER (WHERE outcome = 'client_cancelled'),
+       count(*) FILTER (WHERE tier IS NOT NULL AND attempts > 1),
+       sum(attempts), coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0),
+       coalesce(sum(cached_tokens), 0), coalesce(sum(duration_ms), 0), sum(cost_nano_usd), sum(baseline_nano_usd),
+       sum(cost_nano_usd) / 1e9, sum(baseline_nano_usd) / 1e9,
+       count(*) FILTER (WHERE check_result IS NOT NULL), count(*) FILTER (WHERE check_result = 'failed'),
+       count(*) FILTER (WHERE escalated_for = 'bad_answers')
+FROM requests GROUP BY 1, 2, 3, 4"""
+
+REBUILD_ATTEMPTS = f"""
+INSERT INTO daily_attempts ({ATTEMPT_COLUMNS})
+SELECT substr(started_at, 1, 10), tier, count(*), count(*) FILTER (WHERE outcome NOT IN ('ok', 'cancelled')),
+       count(*) FILTER (WHERE outcome = 'cancelled'), coalesce(sum(prompt_tokens), 0),
+       coalesce(sum(completion_tokens), 0), coalesce(sum(cached_tokens), 0), sum(cost_nano_usd),
+       sum(cost_nano_usd) / 1e9, count(*) FILTER (WHERE checked <> 0),
+       count(*) FILTER (WHERE outcome = 'invalid_output'),
+       coalesce(sum(cost_nano_usd) FILTER (WHERE outcome = 'invalid_output'), 0),
+       coalesce(sum(cost_nano_usd) FILTER (WHERE outcome = 'invalid_output'), 0) / 1e9
+FROM attempts GROUP BY 1, 2"""
+
+REBUILD_LATENCY = f"""
+INSERT INTO daily_latency (day, tier, metric, bucket, count)
+SELECT substr(started_at, 1, 10), tier, 'duration', {_BUCKET.format(ms="duration_ms")}, count(*)
+FROM requests WHERE tier IS NOT NULL GROUP BY 1, 2, 4
+UNION ALL
+SELECT substr(started_at, 1, 10), tier, 'ttft', {_BUCKET.format(ms="ttft_ms")}, count(*)
+FROM requests WHERE tier IS NOT NULL AND ttft_ms IS NOT NULL GROUP BY 1, 2, 4"""
+
+REBUILD_ENDPOINTS = f"""
+INSERT INTO daily_endpoints ({by_endpoint.COLUMNS})
+SELECT substr(started_at, 1, 10), endpoint, count(*), count(*) FILTER (WHERE outcome = 'error'),
+       count(*) FILTER (WHERE outcome = 'client_cancelled'), coalesce(sum(prompt_tokens), 0),
+       coalesce(sum(completion_tokens), 0), coalesce(sum(cached_tokens), 0), coalesce(sum(duration_ms), 0),
+       sum(cost_nano_usd), sum(cost_nano_usd) / 1e9
+FROM requests GROUP BY 1, 2"""
+
+# For tests: the bucket of each of $3 (float8[]), as rows.latency_bucket gives it.
+BUCKETS = f"SELECT {_BUCKET.format(ms='ms')} FROM unnest($3::float8[]) WITH ORDINALITY AS t (ms, i) ORDER BY i"

@@ -24,7 +24,15 @@ from proxy.ledger import pg_sql
 from proxy.ledger.pg_migrations import Conn, migrate
 from proxy.ledger.pricing import from_nano
 from proxy.ledger.rollups import Rollup
-from proxy.ledger.rows import AttemptRow, LedgerEntry, RequestRow, renamed, without_taken
+from proxy.ledger.rows import (
+    LOG_GROWTH,
+    MAX_LATENCY_MS,
+    AttemptRow,
+    LedgerEntry,
+    RequestRow,
+    renamed,
+    without_taken,
+)
 from proxy.ledger.store import RowsRejected, StoreError, StoreUnusable
 
 log = logging.getLogger("proxy.ledger")
@@ -166,6 +174,23 @@ class PostgresStore:
             await self.close()
             raise store_error(e) from e
         return self._pool
+
+
+async def rebuild_rollups(conn: Conn) -> None:
+    """The daily tables recomputed from the raw rows, in one transaction (pg_sql.py has the SQL).
+
+    Writers may keep running: the four tables are locked EXCLUSIVE first (reads go on), so a
+    batch that committed before is in the sums and one still open waits, then adds its own rows;
+    without the lock, a batch committed between the DELETE and the INSERT of a new day's group
+    made the rebuild fail on the duplicate key."""
+    async with conn.transaction():
+        await conn.execute(f"LOCK TABLE {', '.join(pg_sql.REBUILD_TABLES)} IN EXCLUSIVE MODE")
+        for table in pg_sql.REBUILD_TABLES:
+            await conn.execute(f"DELETE FROM {table}")
+        await conn.execute(pg_sql.REBUILD_USAGE)
+        await conn.execute(pg_sql.REBUILD_ATTEMPTS)
+        await conn.execute(pg_sql.REBUILD_LATENCY, LOG_GROWTH, MAX_LATENCY_MS)
+        await conn.execute(pg_sql.REBUILD_ENDPOINTS)
 
 
 async def read_snapshot(conn: Conn, queries: Sequence[tuple[str, Sequence[object]]]) -> list[list[Any]]:

@@ -28,8 +28,8 @@ log = logging.getLogger("proxy.ledger")
 
 SPILL_VERSION = 1
 _LATENCY_GROWTH = 1.05
-_LOG_GROWTH = math.log(_LATENCY_GROWTH)
-_MAX_MS = 1e9  # keeps log() finite for absurd or infinite durations
+LOG_GROWTH = math.log(_LATENCY_GROWTH)  # public: pg_rebuild.py computes the buckets in SQL with them
+MAX_LATENCY_MS = 1e9  # keeps log() finite for absurd or infinite durations
 
 
 class RequestRow(NamedTuple):
@@ -134,7 +134,7 @@ def latency_bucket(ms: float) -> int:
     """Histogram bucket for a latency: 0 holds <= 1 ms, then buckets 5% wide."""
     if not ms > 1.0:  # also catches NaN
         return 0
-    return 1 + int(math.log(min(ms, _MAX_MS)) / _LOG_GROWTH)
+    return 1 + int(math.log(min(ms, MAX_LATENCY_MS)) / LOG_GROWTH)
 
 
 def bucket_ms(bucket: int) -> float:

@@ -10,9 +10,11 @@
 - **Shared state.** With `state.url` the workers share that Redis. Without it the supervisor
   starts a private redis-server on a Unix socket (proxy/ops/local_state.py) and hands it to the
   workers as `state.url`, so budgets, client keys' rates and daily caps, and breakers hold across
-  them exactly as across replicas. The ledger is shared as it is: the same SQLite file in WAL
-  mode (several writers, each waiting up to ledger.busy_timeout_ms for the lock; each with its
-  own journal segments) or PostgreSQL.
+  them exactly as across replicas. Either way each worker is told N (`state.processes` raised to
+  at least N): if Redis stops answering before its heartbeat saw the others (worker 0 starts
+  alone), it still takes only its 1/N share of the budgets (proxy/state/spend.py). The ledger
+  is shared as it is: the same SQLite file in WAL mode (several writers, each waiting up to
+  ledger.busy_timeout_ms for the lock; each with its own journal segments) or PostgreSQL.
 - **Signals.** SIGTERM/SIGINT: sent to every worker, which stops gracefully (requests in flight
   finish, the ledger drains); the supervisor exits when all have, 0 if all exited 0. Workers
   still running `shutdown_timeout_seconds` + 10 s later are killed. SIGHUP: sent to every worker
@@ -90,6 +92,10 @@ def supervise(config: Config, n: int, host: str, port: int, run_worker: RunWorke
     redis = None if binary is None else PrivateRedis(binary, before_exec=unblock)
     sockets = Path(tempfile.mkdtemp(prefix="proxy-workers-"))  # mode 0700: the workers' metrics sockets
     try:
+        # N processes share the state at least: a worker that loses Redis before its heartbeat
+        # saw the others (worker 0 starts alone) must still count them.
+        state = msgspec.structs.replace(config.state, processes=max(config.state.processes, n))
+        config = dataclasses.replace(config, state=state)
         if redis is not None:
             redis.start()
             # A local Redis that died refuses at once; one that is slow to answer is this machine's

@@ -12,8 +12,13 @@ across every process (scripts.RESERVE), and the spend per window every process r
   the ledger (SET NX) when missing (a new window, or a Redis that restarted empty) and expire a
   day after their window ends.
 - Redis lost: the local BudgetTracker and ClientLimits take over at this process's share (1/N of
-  what was left, N = processes seen in the heartbeat); what is recorded meanwhile is pushed on
-  rejoin, unless Redis came back empty (then the ledger, which has it, seeds the counters).
+  what was left); what is recorded meanwhile is pushed on rejoin, unless Redis came back empty
+  (then the ledger, which has it, seeds the counters). N errs high, never low: the largest of
+  `state.processes` (which `--workers N` raises to N) and the most processes any heartbeat of
+  this one counted since it started. The last heartbeat alone undercounts: a process that started
+  before the others registered (the first replica, worker 0) saw itself alone, and would take
+  the whole budget while the others took their shares too; one that dropped out of the
+  heartbeat may only be cut off from Redis, spending its own share.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ class SharedSpend:
     known_held: Decimal = Decimal(0)
     known_clients: dict[str, Decimal] = field(default_factory=dict)
     unsynced: list[_Op] = field(default_factory=list)  # recorded while Redis was lost
+    most_peers: int = 1  # the most processes a heartbeat has shown since start
     ids: Iterator[int] = field(default_factory=itertools.count)
     _queue: asyncio.Queue[_Op] = field(default_factory=asyncio.Queue)
     _task: asyncio.Task[None] | None = None
@@ -202,8 +208,21 @@ class SharedSpend:
     async def _set_nx(self, key: str, value: int, expires_at: int) -> None:
         await self.link.call(lambda: self.link.client.set(key, value, nx=True, exat=expires_at))
 
+    def processes(self) -> int:
+        """N of the degraded share: the most processes known to share the state (see the top)."""
+        self.most_peers = max(self.most_peers, self.link.peers)
+        return max(self.most_peers, self.link.spec.processes)
+
     def _adopt_share(self) -> None:
-        share = 1.0 / max(self.link.peers, 1)
+        n = self.processes()
+        log.warning(
+            "state: while Redis is lost this process takes 1/%d of what is left of each budget and client cap, "
+            "and of each client rate (the most processes known: %d counted by its heartbeat, state.processes %d)",
+            n,
+            self.most_peers,
+            self.link.spec.processes,
+        )
+        share = 1.0 / n
         now = datetime.now(UTC).timestamp()
         # Nothing heard yet: the spend the ledger had at start (or the last mirror), holds unknown.
         self.budget.adopt_share(self.known or self.budget.spent(), self.known_held, share, now)
@@ -242,6 +261,7 @@ class SharedSpend:
 
     async def _refresh(self) -> None:
         """The heartbeat's mirror of the shared spend (routing, X-Proxy-Budget-Remaining, metrics)."""
+        self.most_peers = max(self.most_peers, self.link.peers)  # on_tick: right after each heartbeat
         now = datetime.now(UTC).timestamp()
         keys = self._spend_keys(now)
 

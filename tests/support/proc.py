@@ -202,3 +202,29 @@ async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float 
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def start_proxies(
+    tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None, n: int, *, together: bool = True
+) -> list[ProxyProc]:
+    """`n` replicas of one config (workdirs tmp_path/r0, r1, ...), started at once or one after
+    the other. If one does not start, those that did are killed before its error is raised, so
+    none outlives the test (a bare gather left them running)."""
+    results: list[ProxyProc | BaseException] = []
+    if together:
+        starts = (start_proxy(tmp_path / f"r{i}", config, env) for i in range(n))
+        results.extend(await asyncio.gather(*starts, return_exceptions=True))
+    else:
+        for i in range(n):
+            try:
+                results.append(await start_proxy(tmp_path / f"r{i}", config, env))
+            except AssertionError as e:  # what ProxyProc.start raises
+                results.append(e)
+                break
+    procs = [r for r in results if isinstance(r, ProxyProc)]
+    failed = [r for r in results if not isinstance(r, ProxyProc)]
+    if failed:
+        for p in procs:
+            p.kill()
+        raise failed[0]
+    return procs
