@@ -107,11 +107,9 @@ class RedisLink:
         self.fallbacks += 1
         log.error(
             "state: Redis at %s is unreachable (%s): this process now keeps breakers, budgets and client "
-            "limits itself (budgets and rates at its share, 1/%d, of what is left) until Redis answers; "
-            "retrying every %gs",
+            "limits itself until Redis answers; retrying every %gs",
             _safe(self.url),
             self.error,
-            self.peers,
             self.spec.reconnect_seconds,
         )
         for step in self.on_down:
