@@ -1,4 +1,4 @@
-"""The SQL the PostgreSQL store runs for a batch: multi-row inserts through `unnest` and the
+"""The SQL the PostgreSQL store runs for a batch: multi-row inserts from one json parameter and the
 rollup upserts, made from the same column lists as the SQLite statements (rows.py, rollups.py);
 and the statements that rebuild the rollups from the raw rows."""
 
@@ -68,14 +68,18 @@ FREE_TEXT_REQUEST = tuple(
 FREE_TEXT_ATTEMPT = tuple(i for i, f in enumerate(AttemptRow._fields) if f in {"request_id", "model", "error"})
 
 
-def _unnest_insert(table: str, types: dict[str, str], suffix: str = "") -> str:
-    arrays = ", ".join(f"${i}::{t}[]" for i, t in enumerate(types.values(), start=1))
-    return f"INSERT INTO {table} ({', '.join(types)}) SELECT * FROM unnest({arrays}){suffix}"
+def _json_insert(table: str, types: dict[str, str], suffix: str = "") -> str:
+    """The whole batch as ONE json parameter (an array of row objects, orjson-made), unpacked by
+    the server: asyncpg encodes each element of an array parameter in Python, checking it
+    against three collections.abc classes first (~100 µs of the proxy's CPU per row); a text
+    parameter costs it nothing."""
+    columns = ", ".join(f"{c} {t}" for c, t in types.items())
+    return f"INSERT INTO {table} ({', '.join(types)}) SELECT * FROM json_to_recordset($1::json) AS r({columns}){suffix}"
 
 
 # One statement per batch whatever its size; an id already stored comes back missing from RETURNING.
-INSERT_REQUESTS = _unnest_insert("requests", _REQUEST_TYPES, " ON CONFLICT (id) DO NOTHING RETURNING id")
-INSERT_ATTEMPTS = _unnest_insert("attempts", _ATTEMPT_TYPES)
+INSERT_REQUESTS = _json_insert("requests", _REQUEST_TYPES, " ON CONFLICT (id) DO NOTHING RETURNING id")
+INSERT_ATTEMPTS = _json_insert("attempts", _ATTEMPT_TYPES)
 
 # The REAL money columns are re-derived from the exact integers, as on SQLite.
 _DERIVED = {

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
+import orjson
 
 from proxy.ledger import pg_sql
 from proxy.ledger.pg_migrations import Conn, migrate
@@ -163,6 +164,7 @@ class PostgresStore:
                     timeout=CONNECT_TIMEOUT,
                     command_timeout=COMMAND_TIMEOUT,
                     server_settings={"application_name": "proxy-ledger"},
+                    reset=_keep,
                 )
             if not self._checked:
                 async with self._pool.acquire() as conn:
@@ -174,6 +176,12 @@ class PostgresStore:
             await self.close()
             raise store_error(e) from e
         return self._pool
+
+
+async def _keep(conn: asyncpg.Connection) -> None:
+    """A connection back in the pool needs no reset (asyncpg's default: one more round trip per
+    batch): the store opens no cursor, LISTENs to nothing, takes no advisory lock, and sets
+    nothing outside its transactions."""
 
 
 async def rebuild_rollups(conn: Conn) -> None:
@@ -199,15 +207,18 @@ async def read_snapshot(conn: Conn, queries: Sequence[tuple[str, Sequence[object
         return [list(await conn.fetch(sql, *args)) for sql, args in queries]
 
 
-def _columns(rows: Iterable[tuple[Any, ...]], width: int, free_text: tuple[int, ...]) -> list[list[Any]]:
-    """Rows to one list per column (what `unnest` takes), with NUL taken out of free text."""
-    cols = [list(c) for c in zip(*rows, strict=True)] or [[] for _ in range(width)]
-    for i in free_text:
-        col = cols[i]
-        for j, v in enumerate(col):
+def _json_rows(rows: Iterable[tuple[Any, ...]], fields: tuple[str, ...], free_text: tuple[int, ...]) -> str:
+    """Rows as a JSON array of objects (what `json_to_recordset` takes), with NUL taken out of
+    free text: PostgreSQL's text cannot hold it (nor json a \\u0000 cast to text)."""
+    out = []
+    for row in rows:
+        obj = dict(zip(fields, row, strict=True))
+        for i in free_text:
+            v = row[i]
             if isinstance(v, str) and "\x00" in v:
-                col[j] = v.replace("\x00", "\ufffd")
-    return cols
+                obj[fields[i]] = v.replace("\x00", "\ufffd")
+        out.append(obj)
+    return orjson.dumps(out).decode()
 
 
 async def _insert_requests(conn: Conn, entries: Sequence[LedgerEntry], keep_duplicates: bool) -> list[LedgerEntry]:
@@ -215,10 +226,9 @@ async def _insert_requests(conn: Conn, entries: Sequence[LedgerEntry], keep_dupl
     earlier import) is renamed and inserted again, or dropped for imports. Returns what went in."""
     done: list[LedgerEntry] = []
     todo = without_taken(entries, set(), keep_duplicates=keep_duplicates)
-    width = len(RequestRow._fields)
     while todo:
-        cols = _columns((e.request for e in todo), width, pg_sql.FREE_TEXT_REQUEST)
-        inserted = {str(r[0]) for r in await conn.fetch(pg_sql.INSERT_REQUESTS, *cols)}
+        rows = _json_rows((e.request for e in todo), RequestRow._fields, pg_sql.FREE_TEXT_REQUEST)
+        inserted = {str(r[0]) for r in await conn.fetch(pg_sql.INSERT_REQUESTS, rows)}
         done.extend(e for e in todo if e.request.id in inserted)
         todo = [renamed(e) for e in todo if e.request.id not in inserted] if keep_duplicates else []
     return done
@@ -231,8 +241,8 @@ async def _write_batch(conn: Conn, entries: Sequence[LedgerEntry], keep_duplicat
         return 0
     attempts = [a for e in todo for a in e.attempts]
     if attempts:
-        width = len(AttemptRow._fields)
-        await conn.execute(pg_sql.INSERT_ATTEMPTS, *_columns(attempts, width, pg_sql.FREE_TEXT_ATTEMPT))
+        rows = _json_rows(attempts, AttemptRow._fields, pg_sql.FREE_TEXT_ATTEMPT)
+        await conn.execute(pg_sql.INSERT_ATTEMPTS, rows)
     rollup = Rollup(todo)
     await conn.executemany(pg_sql.UPSERT_USAGE, rollup.usage_params())
     if rollup.attempts:
