@@ -9,7 +9,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,12 @@ def config_for(sims: SimThread, tmp_path: Path, **sections: Any) -> dict[str, An
     return config
 
 
-async def workers(tmp_path: Path, config: dict[str, Any], n: int = 2) -> ProxyProc:
+async def workers(
+    tmp_path: Path, config: dict[str, Any], n: int = 2, preexec_fn: Callable[[], None] | None = None
+) -> ProxyProc:
     """Once every worker answers: /healthz answers as soon as the first listens (the others start
     after it, so that one process replays the journal), so wait for n distinct pids."""
-    proc = await start_proxy(tmp_path, config, KEY_ENV, "--workers", str(n))
+    proc = await start_proxy(tmp_path, config, KEY_ENV, "--workers", str(n), preexec_fn=preexec_fn)
     seen: set[str] = set()
     deadline = time.monotonic() + 15
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
@@ -193,3 +195,32 @@ async def test_workers_must_be_a_positive_number(tmp_path: Path) -> None:
 
     code, _, err = await run_cli("serve", "--workers", "0")
     assert code == 2 and "expected a number of processes" in err
+
+
+@pytest.mark.parametrize("setting", ["auto", "off"])
+async def test_workers_as_many_as_the_cpus_run_one_on_each_unless_affinity_is_off(
+    sims: SimThread, tmp_path: Path, setting: str
+) -> None:
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+
+    def two_cpus() -> None:  # the proxy may use exactly two CPUs, whatever this machine has
+        os.sched_setaffinity(0, set(cpus))
+
+    proc = await workers(tmp_path, config_for(sims, tmp_path, server={"worker_affinity": setting}), 2, two_cpus)
+    try:
+        pids = [p for p in children(proc.pid) if Path(f"/proc/{p}/comm").read_text().strip() != "redis-server"]
+        masks = sorted((os.sched_getaffinity(p) for p in pids), key=sorted)
+        # Every thread of a worker too (the ledger's writer thread, the resolver's), not only its main one.
+        threads = {frozenset(os.sched_getaffinity(int(t))) for p in pids for t in os.listdir(f"/proc/{p}/task")}
+    finally:
+        assert await proc.stop() == 0
+    assert len(pids) == 2
+    if setting == "auto":
+        assert masks == [{cpus[0]}, {cpus[1]}], masks
+        assert threads == {frozenset({cpus[0]}), frozenset({cpus[1]})}
+        assert "runs on CPU" in proc.log_text()
+    else:
+        assert masks == [set(cpus), set(cpus)], masks
+        assert "runs on CPU" not in proc.log_text()

@@ -111,6 +111,9 @@ class ServerSpec(Strict, frozen=True):
     # Browser origins (scheme://host[:port]) whose pages may call the proxy; empty: CORS off. "*"
     # (any origin) only with auth.keys, so that a key is still what lets a page in.
     cors: list[str] = []
+    # `proxy serve --workers N`: "auto" pins worker i to the i-th CPU when the N workers are as many
+    # as the CPUs the proxy may use (a machine of its own); "off" lets the kernel move them.
+    worker_affinity: Literal["auto", "off"] = "auto"
 
 
 class ClientKeySpec(Strict, frozen=True):

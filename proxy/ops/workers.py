@@ -48,6 +48,7 @@ from pathlib import Path
 import msgspec
 
 from proxy.config import Config
+from proxy.ops.affinity import pin, worker_cpus
 from proxy.ops.listener import bind
 from proxy.ops.local_state import INSTALL_HINT, PrivateRedis, die_with_parent, redis_binary
 from proxy.ops.worker_metrics import Worker
@@ -138,6 +139,7 @@ class Supervisor:
         self.code = 0
         self.kill_at = float("inf")
         self.pid = os.getpid()
+        self.cpus = worker_cpus(config.server.worker_affinity, n)
 
     def run(self) -> int:
         # The first worker alone, until it listens: it replays the journal an unclean stop left,
@@ -145,6 +147,8 @@ class Supervisor:
         self._spawn(0, wait=True)
         for i in range(1, self.n):
             self._spawn(i)
+        if self.cpus is not None:
+            log.info("workers: worker i runs on CPU %s[i] only (server.worker_affinity: auto)", self.cpus)
         log.info(
             "workers: %d serving port %d (supervisor pid %d; metrics sockets in %s)",
             self.n,
@@ -277,6 +281,8 @@ class Supervisor:
             if os.getppid() != self.pid:  # the supervisor died before the line above
                 code = 1
                 return
+            if self.cpus is not None:
+                pin(self.cpus[index])
 
             def ready() -> None:
                 with suppress(OSError):
