@@ -10,8 +10,10 @@
   p50 latency and the proxy's CPU per request (Redis and PostgreSQL run on the load core, as a
   remote server would cost the proxy nothing but the round trips). Goal: added p50 within 0.2 ms.
 
-Each round starts every configuration afresh, in turn, so the machine's drift (±30% over minutes
-here) hits them alike; figures are medians over rounds. PostgreSQL and Redis are the tests' own
+The two servers of each comparison are up at once (the idle one costs nothing) and short runs
+alternate between them, ABBA, so that the machine's drift (±30% within minutes here) hits both
+alike; a figure is the median over runs, a ratio or difference the median of each run against
+its neighbour of the other server. PostgreSQL and Redis are the tests' own
 starters (tests/support), so the bench needs the test extras and Debian's postgresql and
 redis-server (installed when missing).
 """
@@ -40,19 +42,20 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 WORKERS_GOAL = 1.8
 P50_GOAL_MS = 0.2
+WARMUP_S = 4
 
 
 @dataclass(frozen=True)
 class ScalePlan:
-    rounds: int = 3
-    tput_s: float = 6
+    rounds: int = 10  # throughput runs per server
+    tput_s: float = 3
     tput_connections: int = 32
-    latency_runs: int = 3
-    latency_s: float = 4
+    latency_runs: int = 12  # latency runs per server
+    latency_s: float = 3
 
 
 FULL_SCALE = ScalePlan()
-QUICK_SCALE = ScalePlan(1, 2, 32, 1, 1.5)
+QUICK_SCALE = ScalePlan(2, 1.5, 32, 2, 1.5)
 
 
 @dataclass(frozen=True)
@@ -89,39 +92,28 @@ def _target(svc: Service) -> load.Target:
     return load.Target("proxy", f"http://127.0.0.1:{svc.port}/v1/chat/completions", body)
 
 
-def _throughput(tool: str, up: Upstreams, workdir: Path, plan: ScalePlan, workers: int) -> dict[str, float]:
-    svc = _serve(up, workdir, workers=workers)
-    try:
-        t = _target(svc)
-        load.run(tool, t, workdir, connections=plan.tput_connections, seconds=1)  # warm-up
-        c0 = cpu_seconds(svc.pid)
-        r = load.run(tool, t, workdir, connections=plan.tput_connections, seconds=plan.tput_s)
-        cpu = cpu_seconds(svc.pid) - c0
-        return {"rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors, "cpu_ms": _per(cpu, r)}
-    finally:
-        svc.stop()
+def _measure(tool: str, svc: Service, workdir: Path, connections: int, seconds: float) -> dict[str, float]:
+    c0 = cpu_seconds(svc.pid)
+    r = load.run(tool, _target(svc), workdir, connections=connections, seconds=seconds)
+    cpu = cpu_seconds(svc.pid) - c0
+    return {"rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "errors": r.errors, "cpu_ms": _per(cpu, r)}
 
 
-def _latency(tool: str, up: Upstreams, workdir: Path, plan: ScalePlan, *, shared: bool) -> list[dict[str, float]]:
-    svc = _serve(up, workdir, shared=shared, pin=True)
-    try:
-        t = _target(svc)
-        load.run(tool, t, workdir, connections=4, seconds=1)  # warm-up: connections, prepared statements
-        rows = []
-        for _ in range(plan.latency_runs):
-            c0 = cpu_seconds(svc.pid)
-            r = load.run(tool, t, workdir, connections=1, seconds=plan.latency_s)
-            rows.append(
-                {
-                    "p50_ms": r.p50_ms,
-                    "p99_ms": r.p99_ms,
-                    "errors": r.errors,
-                    "cpu_ms": _per(cpu_seconds(svc.pid) - c0, r),
-                }
-            )
-        return rows
-    finally:
-        svc.stop()
+def _alternate(
+    tool: str, pair: dict[str, Service], workdir: Path, runs: int, connections: int, seconds: float
+) -> dict[str, list[dict[str, float]]]:
+    """Both servers are up; short runs alternate between them (ABBA: neither always goes first),
+    so that the machine's drift hits both alike."""
+    names = list(pair)
+    for svc in pair.values():
+        # Warm-up: a fresh `--workers 2` serves at half speed for its first seconds (connection
+        # pools to the upstream and to its Redis, first calls of every code path, in each worker).
+        load.run(tool, _target(svc), workdir, connections=max(connections, 4), seconds=WARMUP_S)
+    rows: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    for i in range(runs):
+        for name in names if i % 2 == 0 else names[::-1]:
+            rows[name].append(_measure(tool, pair[name], workdir, connections, seconds))
+    return rows
 
 
 def _per(cpu: float, r: load.LoadResult) -> float:
@@ -146,27 +138,41 @@ def backends(workdir: Path) -> Iterator[tuple[str, str]]:
 def run(tool: str, fast: str, paced: str, workdir: Path, plan: ScalePlan) -> dict[str, Any]:
     ensure_apt({"redis-server": "redis-server", "pg_ctlcluster": "postgresql"})
     rows: dict[str, list[dict[str, float]]] = {"one_worker": [], "two_workers": [], "sqlite": [], "shared": []}
-    with backends(workdir) as (pg_url, redis_url):
+    with backends(workdir) as (pg_url, redis_url), contextlib.ExitStack() as stack:
         up = Upstreams(fast, paced, pg_url, redis_url)
-        for i in range(plan.rounds):
-            say(f"scale: round {i + 1}/{plan.rounds}")
-            rows["one_worker"].append(_throughput(tool, up, workdir / f"w1-{i}", plan, 1))
-            rows["two_workers"].append(_throughput(tool, up, workdir / f"w2-{i}", plan, 2))
-            rows["sqlite"] += _latency(tool, up, workdir / f"sqlite-{i}", plan, shared=False)
-            rows["shared"] += _latency(tool, up, workdir / f"shared-{i}", plan, shared=True)
+        workers = {"one_worker": _serve(up, workdir / "w1"), "two_workers": _serve(up, workdir / "w2", workers=2)}
+        for svc in workers.values():
+            stack.callback(svc.stop)
+        say(f"scale: --workers 2 against one worker, {plan.rounds} runs each, alternating")
+        rows |= _alternate(tool, workers, workdir, plan.rounds, plan.tput_connections, plan.tput_s)
+        for svc in workers.values():
+            svc.stop()
+        backends_pair = {
+            "sqlite": _serve(up, workdir / "sqlite", pin=True),
+            "shared": _serve(up, workdir / "shared", shared=True, pin=True),
+        }
+        for svc in backends_pair.values():
+            stack.callback(svc.stop)
+        say(f"scale: PostgreSQL + Redis against the SQLite default, {plan.latency_runs} runs each, alternating")
+        rows |= _alternate(tool, backends_pair, workdir, plan.latency_runs, 1, plan.latency_s)
     med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in rows.items()}
-    ratio = med["two_workers"]["rps"] / med["one_worker"]["rps"]
-    added = med["shared"]["p50_ms"] - med["sqlite"]["p50_ms"]
+    # Paired: each run against the other server's run next to it, then the median of those.
+    ratios = [w2["rps"] / w1["rps"] for w1, w2 in zip(rows["one_worker"], rows["two_workers"], strict=True)]
+    added = [b["p50_ms"] - a["p50_ms"] for a, b in zip(rows["sqlite"], rows["shared"], strict=True)]
+    cpu = [b["cpu_ms"] - a["cpu_ms"] for a, b in zip(rows["sqlite"], rows["shared"], strict=True)]
+    ratio, p50 = statistics.median(ratios), statistics.median(added)
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "plan": plan.__dict__,
         "rows": rows,
         "medians": med,
         "workers_ratio": ratio,
+        "workers_ratio_range": [min(ratios), max(ratios)],
         "workers_ok": ratio >= WORKERS_GOAL,
-        "shared_added_p50_ms": added,
-        "shared_ok": added <= P50_GOAL_MS,
-        "shared_cpu_delta_ms": med["shared"]["cpu_ms"] - med["sqlite"]["cpu_ms"],
+        "shared_added_p50_ms": p50,
+        "shared_added_p50_range_ms": [min(added), max(added)],
+        "shared_ok": p50 <= P50_GOAL_MS,
+        "shared_cpu_delta_ms": statistics.median(cpu),
         "loadavg": Path("/proc/loadavg").read_text().split()[:3],
     }
 
@@ -177,8 +183,12 @@ def _row(label: str, m: dict[str, float], *, rps: bool) -> str:
     return "| " + " | ".join([label, *cells]) + " |"
 
 
+def _span(r: list[float], unit: str) -> str:
+    return f"pairs from {r[0]:+.3f}{unit} to {r[1]:+.3f}{unit}" if unit != "x" else f"pairs {r[0]:.2f}x to {r[1]:.2f}x"
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    m = doc["medians"]
+    m, plan = doc["medians"], doc["plan"]
     ok = {True: "met", False: "**not met**"}
     workers = "\n".join(
         [
@@ -192,34 +202,42 @@ def markdown(doc: dict[str, Any]) -> str:
             _row("`ledger.url` PostgreSQL + `state.url` Redis", m["shared"], rps=False),
         ]
     )
+    runs = f"{plan['rounds']} x {plan['tput_s']:g} s and {plan['latency_runs']} x {plan['latency_s']:g} s a server"
+    ratio = f"**{doc['workers_ratio']:.2f}x**"
+    ratio_note = f"{_span(doc['workers_ratio_range'], 'x')}; goal: at least {WORKERS_GOAL}x: {ok[doc['workers_ok']]}"
+    added = f"**{doc['shared_added_p50_ms']:+.3f} ms**"
+    added_note = (
+        f"{_span(doc['shared_added_p50_range_ms'], ' ms')}; goal: within {P50_GOAL_MS} ms: {ok[doc['shared_ok']]}"
+    )
     return f"""## Scale-out: several workers, PostgreSQL and Redis (`python -m bench.scale`)
 
-Medians over {doc["plan"]["rounds"]} rounds; in each round every configuration is started afresh, in turn
-(method in bench/scale.py). Measured {doc["when"]}, load average at the end {" ".join(doc["loadavg"])}.
+Both servers of each comparison up at once, short runs alternating between them ({runs};
+method in bench/scale.py); the tables show medians over runs. Measured {doc["when"]}, load
+average at the end {" ".join(doc["loadavg"])}.
 
-| | req/s at {doc["plan"]["tput_connections"]} in flight | p50 ms | p99 ms | CPU ms / request | errors |
+| | req/s at {plan["tput_connections"]} in flight | p50 ms | p99 ms | CPU ms / request | errors |
 |---|---|---|---|---|---|
 {workers}
 
-`--workers 2` serves **{doc["workers_ratio"]:.2f}x** one worker's requests per second (goal: at least
-{WORKERS_GOAL}x: {ok[doc["workers_ok"]]}). CPU per request counts every process of the server (the
-supervisor, the workers and their private redis-server).
+`--workers 2` serves {ratio} one worker's requests per second (median of each run against its
+neighbour; {ratio_note}). CPU per request counts every process of the server (the supervisor,
+the workers and their private redis-server).
 
 | one worker on the proxy core, 1 in flight | p50 ms | p99 ms | CPU ms / request | errors |
 |---|---|---|---|---|
 {shared}
 
-PostgreSQL and Redis add **{doc["shared_added_p50_ms"]:+.3f} ms** to p50 (goal: within {P50_GOAL_MS} ms:
-{ok[doc["shared_ok"]]}) and {doc["shared_cpu_delta_ms"]:+.3f} ms of the proxy's CPU per request.
+PostgreSQL and Redis add {added} to p50 (median of each run against its neighbour;
+{added_note}) and {doc["shared_cpu_delta_ms"]:+.3f} ms of the proxy's CPU per request.
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=ScalePlan.rounds)
+    parser.add_argument("--rounds", type=int, default=ScalePlan.rounds, help="runs per server (both comparisons)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    plan = QUICK_SCALE if args.quick else ScalePlan(rounds=args.rounds)
+    plan = QUICK_SCALE if args.quick else ScalePlan(rounds=args.rounds, latency_runs=args.rounds)
     pin_self(LOAD_CORE)  # as `python -m bench`: wrk, nginx, PostgreSQL and Redis inherit the load core
     ensure_apt({"nginx": "nginx", "wrk": "wrk"})
     tool = load.load_tool()
