@@ -220,7 +220,7 @@ async def test_workers_as_many_as_the_cpus_run_one_on_each_unless_affinity_is_of
     if setting == "auto":
         assert masks == [{cpus[0]}, {cpus[1]}], masks
         assert threads == {frozenset({cpus[0]}), frozenset({cpus[1]})}
-        assert "runs on CPU" in proc.log_text()
+        assert f"worker 0 on CPU {cpus[0]}, worker 1 on CPU {cpus[1]}" in proc.log_text()
     else:
         assert masks == [set(cpus), set(cpus)], masks
-        assert "runs on CPU" not in proc.log_text()
+        assert "runs on its own CPU" not in proc.log_text()

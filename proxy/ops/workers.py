@@ -148,7 +148,8 @@ class Supervisor:
         for i in range(1, self.n):
             self._spawn(i)
         if self.cpus is not None:
-            log.info("workers: worker i runs on CPU %s[i] only (server.worker_affinity: auto)", self.cpus)
+            where = ", ".join(f"worker {i} on CPU {c}" for i, c in enumerate(self.cpus))
+            log.info("workers: each runs on its own CPU: %s (server.worker_affinity: off lets them move)", where)
         log.info(
             "workers: %d serving port %d (supervisor pid %d; metrics sockets in %s)",
             self.n,
