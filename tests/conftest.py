@@ -1,4 +1,5 @@
-"""Shared fixtures: simulated upstream tiers, the proxy in front of them, the real llama.cpp server."""
+"""Shared fixtures: simulated upstream tiers, the proxy in front of them, the real llama.cpp server,
+real PostgreSQL and Redis servers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -16,6 +18,8 @@ from proxy.config import Config, build_config
 from proxy.sim import SIM_STATS, Behaviour, SimSettings, SimStats, create_sim_app
 from tests.support.faults import SimThread
 from tests.support.llamacpp import LlamaCppServer
+from tests.support.postgres import PostgresServer, remove, start_server
+from tests.support.redis_server import RedisServer
 from tests.support.secret_scan import KIMI_KEY, SCAN
 from tests.support.server import ProxyTestServer
 from tests.support.tiny_gguf import write_tiny_model
@@ -151,3 +155,26 @@ async def sim_server(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> As
     app = create_sim_app(settings)
     server = await aiohttp_server(app)
     yield Upstream("extra", str(server.make_url("/v1")), settings, app[SIM_STATS])
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server per test module (initdb in a temp dir: tests/support/postgres.py)."""
+    server = start_server()
+    yield server
+    remove(server)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a loopback port, no persistence (tests/support/redis_server.py)."""
+    server = RedisServer.start_in(tmp_path / "redis")
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session with no connection limit (load tests keep many calls in flight)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        yield s

@@ -12,7 +12,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +28,6 @@ from tests.test_workers import workers
 
 PAID = {"X-Complexity": "complex"}
 BODY = {"model": "auto", "messages": [{"role": "user", "content": "plan the launch"}]}
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer.start_in(tmp_path / "redis")
-    yield server
-    server.kill()
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,13 +31,6 @@ from tests.support.records import attempt, call
 
 DAY = datetime(2026, 11, 26, 12, 0, tzinfo=UTC).timestamp()
 TABLES = ("requests", "attempts", "daily_usage", "daily_attempts", "daily_latency", "daily_endpoints")
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    server = start_server()
-    yield server
-    remove(server)
 
 
 @pytest.fixture

@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from proxy.ledger import Ledger, SqliteStore, open_db, rebuild_rollups
 from proxy.ledger.pg_sql import BUCKETS
@@ -20,19 +18,12 @@ from proxy.ledger.postgres import PostgresStore
 from proxy.ledger.report_read import build_report
 from proxy.ledger.rows import LOG_GROWTH, MAX_LATENCY_MS, latency_bucket
 from proxy.records import CallRecord, Outcome, Route, Usage
-from tests.support.postgres import PostgresServer, remove, start_server
+from tests.support.postgres import PostgresServer
 from tests.support.quality import quality_config
 from tests.support.records import call
 from tests.test_ledger_postgres import DAY, pg_tables, records, sqlite_tables, through_ledger
 
 ROLLUPS = ("daily_usage", "daily_attempts", "daily_latency", "daily_endpoints")
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    server = start_server()
-    yield server
-    remove(server)
 
 
 def history(n: int = 300, prefix: str = "r") -> list[CallRecord]:

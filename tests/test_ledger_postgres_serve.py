@@ -5,25 +5,16 @@ and the password nowhere in the log."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import asyncpg
-import pytest
 
 from tests.support.faults import SimThread, proxy_config
-from tests.support.postgres import PostgresServer, remove, start_server
+from tests.support.postgres import PostgresServer
 from tests.support.proc import ProxyProc, start_proxy
 
 PW_ENV = "PROXY_TEST_LEDGER_PASSWORD"
-
-
-@pytest.fixture
-def pg() -> Iterator[PostgresServer]:
-    server = start_server()
-    yield server
-    remove(server)
 
 
 async def load(proxy: ProxyProc, n: int, start: int, concurrency: int = 8) -> list[int]:

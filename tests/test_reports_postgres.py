@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -25,7 +24,7 @@ from proxy.ledger.report_read import build_report
 from proxy.ledger.report_text import report_text
 from proxy.records import CallRecord, Usage
 from tests.conftest import ProxyFactory, Upstream, tier_config
-from tests.support.postgres import PostgresServer, remove, start_server
+from tests.support.postgres import PostgresServer
 from tests.support.quality import TIERS
 from tests.support.records import call
 from tests.test_ledger_postgres import DAY, records, through_ledger
@@ -33,13 +32,6 @@ from tests.test_ledger_postgres import DAY, records, through_ledger
 NOW = DAY + 3.5 * 3600  # 2026-11-26 15:30 UTC: 24h starts mid-day on the 25th, 2h at 13:30 on the 26th
 WINDOWS = ("24h", "2h", "12h", "7d", "all")
 PW_ENV = "TEST_PG_REPORT_PASSWORD"
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    server = start_server()
-    yield server
-    remove(server)
 
 
 @pytest.fixture

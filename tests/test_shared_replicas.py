@@ -11,7 +11,6 @@ import asyncio
 import functools
 import itertools
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -19,12 +18,11 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-import pytest
 
 from proxy.ledger.report_read import build_report
 from proxy.sim import Behaviour
 from tests.support.faults import KIMI_ENV, SimThread, chat_body
-from tests.support.postgres import PostgresServer, remove, start_server
+from tests.support.postgres import PostgresServer
 from tests.support.proc import ProxyProc, start_proxies
 from tests.support.redis_server import RedisServer
 from tests.test_state_redis import PER_CALL, shared_config, stop_all
@@ -36,26 +34,6 @@ BUDGET = Decimal("0.03")  # 30 paid calls, of the 60 that ask for one
 PW_ENV = "PROXY_TEST_REPLICAS_PG_PASSWORD"
 CLIENTS = {"alice": "replicas-alice-key-0123456789", "bob": "replicas-bob-key-0123456789"}
 KEYS_ENV = {"KEY_ALICE": CLIENTS["alice"], "KEY_BOB": CLIENTS["bob"], **KIMI_ENV}
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PostgresServer]:
-    server = start_server()
-    yield server
-    remove(server)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer.start_in(tmp_path / "redis")
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        yield s
 
 
 @dataclass(frozen=True, slots=True)

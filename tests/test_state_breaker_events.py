@@ -7,31 +7,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from proxy.sim import Behaviour
 from tests.support.faults import SimThread
 from tests.support.proc import ProxyProc
 from tests.support.redis_server import RedisServer
 from tests.test_state_redis import get_json, post, replicas, shared_config, stop_all, wait_shared
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer.start_in(tmp_path / "redis")
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
 
 PINNED = {"X-Tier": "llama", "X-Fallback": "off"}
 ROUTING = {"escalate_after_failures": 2, "breaker_cooldown_seconds": 30.0, "open_breakers_on_outage": False}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -33,19 +33,6 @@ def sims() -> Iterator[SimThread]:
         thread.add(name)
     yield thread
     thread.close()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer.start_in(tmp_path / "redis")
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        yield s
 
 
 def shared_config(sims: SimThread, tmp_path: Path, redis: RedisServer, **sections: Any) -> dict[str, Any]:
