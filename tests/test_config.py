@@ -142,3 +142,18 @@ def test_check_describes_server_limits_clients_and_budgets() -> None:
     assert "p-secret-123" not in text
     open_config = describe(build_config({}, "t.yaml", {}))
     assert "clients: no keys (auth.keys)" in open_config and "budgets: none" in open_config
+
+
+def test_a_tier_priced_only_per_call_is_warned_about_calls_that_report_usage() -> None:
+    def warnings(price: dict[str, float]) -> list[str]:
+        tier = {"base_url": "http://127.0.0.1:9/v1", "model": "k", "paid": True, "price": price}
+        raw = {"routing": {"primary": "kimi"}, "tiers": {"kimi": tier}}
+        return [w for w in build_config(raw, "proxy.yaml", {}).warnings if "per_call_usd" in w]
+
+    assert warnings({"per_call_usd": 0.001}) == [
+        "tier 'kimi': price.per_call_usd applies only to calls whose upstream reports no token usage; with no "
+        "per-token price, a call that reports usage costs $0 and counts toward no budget: set input_per_mtok "
+        "and output_per_mtok"
+    ]
+    assert warnings({"per_call_usd": 0.001, "output_per_mtok": 2.5}) == []
+    assert warnings({"input_per_mtok": 0.6}) == []

@@ -122,7 +122,7 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
                 stream_max=ts.stream_max_seconds,
                 connect_timeout=ts.connect_timeout_seconds,
                 max_connections=ts.max_connections,
-                price=_price(source, tier_id, ts.price),
+                price=_price(source, tier_id, ts.price, warnings),
                 api_key_env=ts.api_key_env,
                 api_key=key or None,
                 skip_reason=skip,
@@ -231,11 +231,17 @@ def _client_keys(
     return tuple(keys)
 
 
-def _price(source: str, tier_id: str, p: PriceSpec) -> Price:
+def _price(source: str, tier_id: str, p: PriceSpec, warnings: list[str]) -> Price:
     for name in ("input_per_mtok", "cached_input_per_mtok", "output_per_mtok", "per_call_usd"):
         value = getattr(p, name)
         if value is not None and (not value.is_finite() or value < 0):
             raise ConfigError(f"{source}: tiers.{tier_id}.price.{name}: must be a number >= 0, got {value}")
+    if p.per_call_usd and not (p.input_per_mtok or p.output_per_mtok):
+        warnings.append(
+            f"tier {tier_id!r}: price.per_call_usd applies only to calls whose upstream reports no token "
+            "usage; with no per-token price, a call that reports usage costs $0 and counts toward no "
+            "budget: set input_per_mtok and output_per_mtok"
+        )
     cached = p.cached_input_per_mtok if p.cached_input_per_mtok is not None else p.input_per_mtok
     return Price(p.input_per_mtok, cached, p.output_per_mtok, p.per_call_usd)
 
