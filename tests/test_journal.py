@@ -12,7 +12,8 @@ import threading
 from pathlib import Path
 
 from proxy.ledger import Ledger, LedgerEntry, Pricer, SqliteStore
-from proxy.ledger.journal import Journal, journal_base, replay
+from proxy.ledger.journal import Journal, journal_base
+from proxy.ledger.replay import replay
 from tests.test_ledger import call, make_config
 
 TIERS = ("llama", "ollama", "kimi")

@@ -12,8 +12,9 @@ from typing import Any
 import orjson
 
 from proxy.ledger import Ledger, LedgerEntry, Pricer, SqliteStore, open_db, rebuild_rollups, spill_path
-from proxy.ledger.journal import Journal, journal_base, replay
+from proxy.ledger.journal import Journal, journal_base
 from proxy.ledger.migrations import MIGRATIONS, migrate, statements
+from proxy.ledger.replay import replay
 from proxy.ledger.report_read import build_report
 from proxy.ledger.spill import import_ledger
 from proxy.records import Api, Usage

@@ -6,7 +6,7 @@ the request path releases the answer. That costs a few microseconds and no fsync
 in the kernel's page cache as soon as `write` returns, and killing the process does not lose
 the page cache (a power cut or kernel crash can: that is the database's `synchronous=NORMAL`
 guarantee too). The files are read back at the next start, where the entries the database
-does not have yet are inserted (`replay`).
+does not have yet are inserted (`replay.py`).
 
 The journal is a series of segments, `<db>.journal.<run>.<n>`. When the writer takes a batch
 from the queue it starts a new segment if the current one has grown past ROTATE_BYTES, and it
@@ -25,18 +25,13 @@ workers may share one ledger path), and the kernel drops the lock when its owner
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-
-from proxy.ledger.rows import LedgerEntry
-from proxy.ledger.store import RowsRejected, Store
 
 log = logging.getLogger("proxy.ledger")
 
@@ -45,7 +40,7 @@ NOT_JOURNALED = -1  # the segment number of entries the journal could not write
 ROTATE_BYTES = 1 << 20  # ~1,200 entries per segment
 # Starts the line of an entry that is only in the journal (the queue was full): reading the
 # backlog back takes just those, so it needs no guess from request ids about what was stored.
-_BACKLOG = b"~"
+BACKLOG = b"~"
 
 
 def journal_base(spill: Path) -> Path:
@@ -53,7 +48,7 @@ def journal_base(spill: Path) -> Path:
     return spill.with_name(spill.name.removesuffix(_SPILL_SUFFIX) + ".journal")
 
 
-def _segments(base: Path) -> list[Path]:
+def segments(base: Path) -> list[Path]:
     prefix = base.name + "."
     try:
         return sorted(p for p in base.parent.iterdir() if p.name.startswith(prefix) and not p.name.endswith(".jsonl"))
@@ -94,7 +89,7 @@ class Journal:
         """Write one entry's line (one `os.write` unless the kernel takes it in parts). Returns
         whether the caller must queue the entry: unless `queue` is False and the line was written
         (the queue is full: the writer reads it back from here later)."""
-        data = line + b"\n" if queue else _BACKLOG + line + b"\n"
+        data = line + b"\n" if queue else BACKLOG + line + b"\n"
         seg = self._write(data) if self._fd >= 0 else NOT_JOURNALED
         if not queue and seg != NOT_JOURNALED:
             self._pinned[seg] = self._pinned.get(seg, 0) + 1
@@ -225,121 +220,3 @@ class Journal:
         if not self._failing:
             self._failing = True
             log.error("ledger: journal: %s; rows are still queued, but a crash now would lose them", why)
-
-
-@dataclass(frozen=True, slots=True)
-class ReplayResult:
-    replayed: int  # requests inserted from the journal
-    skipped: int  # requests the store had already (committed before the crash)
-    torn: int  # lines cut short by the crash (their write never returned: never acknowledged)
-    segments: int  # segment files read and deleted
-
-
-def _read_segment(path: Path, backlog_only: bool) -> tuple[list[LedgerEntry], int, list[bytes]]:
-    """(entries, torn last lines, unreadable other lines)."""
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a newline; else a write the crash cut short
-    entries: list[LedgerEntry] = []
-    bad: list[bytes] = []
-    for line in lines:
-        if line.startswith(_BACKLOG):
-            line = line[1:]
-        elif backlog_only:
-            continue
-        if line.strip():
-            try:
-                entries.append(LedgerEntry.from_json(line))
-            except ValueError:
-                bad.append(line)
-    return entries, int(bool(tail.strip())), bad
-
-
-def _claim(path: Path) -> int | None:
-    """Lock a segment for its replay: its descriptor, or None when a running process holds it
-    (another proxy on the same ledger, or one replaying it right now) or it is gone."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-async def _write_skipping_rejected(store: Store, chunk: list[LedgerEntry], keep_duplicates: bool) -> int:
-    try:
-        return await store.write(chunk, keep_duplicates=keep_duplicates)
-    except RowsRejected:
-        pass
-    n = 0
-    for entry in chunk:  # the store refuses one of them: a replay must not fail at every start for it
-        try:
-            n += await store.write([entry], keep_duplicates=keep_duplicates)
-        except RowsRejected as e:
-            log.error("ledger: journaled request %s cannot be stored (%s); dropped", entry.request.id, e)
-    return n
-
-
-async def replay_segment(
-    store: Store, path: Path, *, batch_size: int = 500, backlog_only: bool = False
-) -> ReplayResult:
-    """Insert the entries of one segment that the store lacks, then delete it. Raises StoreError
-    or OSError (the segment stays).
-
-    After a crash (`backlog_only=False`) any entry may be stored already, so known request ids
-    are skipped. A running writer reads back only the entries that never were in its queue
-    (`backlog_only`): none is stored yet, and a reused request id is kept as a live write keeps it;
-    they go in one transaction, so a failure halfway leaves nothing to write twice at the retry.
-    """
-    entries, torn, bad = await asyncio.to_thread(_read_segment, path, backlog_only)
-    replayed = skipped = 0
-    step = max(len(entries), 1) if backlog_only else batch_size
-    for i in range(0, len(entries), step):
-        chunk = entries[i : i + step]
-        n = await _write_skipping_rejected(store, chunk, keep_duplicates=backlog_only)
-        replayed += n
-        skipped += len(chunk) - n
-    if bad:
-        rejected = path.with_name(path.name.split(".journal.", 1)[0] + ".journal.rejected.jsonl")
-        with open(rejected, "ab") as f:
-            f.write(b"".join(b + b"\n" for b in bad))
-        log.error("ledger: %d unreadable journal line(s) of %s were moved to %s", len(bad), path, rejected)
-    path.unlink()
-    return ReplayResult(replayed, skipped, torn, 1)
-
-
-async def replay(store: Store, base: Path, *, batch_size: int = 500) -> ReplayResult:
-    """Insert what a previous run journaled and the store lacks, then delete those segments.
-
-    Idempotent: an id already stored is skipped, so a crash during the replay (or between a
-    commit and the deletion) inserts nothing twice. Raises StoreError or OSError; a segment
-    is deleted only after all its entries are committed.
-    """
-    replayed = skipped = torn = done = 0
-    for path in _segments(base):
-        # Held for the whole replay: two processes starting at once on one ledger (replicas,
-        # `--workers`) must not both replay a segment and trip over its deletion.
-        fd = _claim(path)
-        if fd is None:
-            continue
-        try:
-            r = await replay_segment(store, path, batch_size=batch_size)
-        except FileNotFoundError:
-            continue  # replayed and deleted by the other process between its lock and ours
-        finally:
-            os.close(fd)
-        replayed, skipped, torn, done = replayed + r.replayed, skipped + r.skipped, torn + r.torn, done + 1
-    if done:
-        log.warning(
-            "ledger: replayed the journal of an unclean stop: %d request(s) recovered, %d already stored, "
-            "%d torn line(s) ignored, from %d segment(s)",
-            replayed,
-            skipped,
-            torn,
-            done,
-        )
-    return ReplayResult(replayed, skipped, torn, done)

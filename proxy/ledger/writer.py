@@ -21,8 +21,9 @@ from pathlib import Path
 
 from proxy.config import Config
 from proxy.ledger.engine import store_for
-from proxy.ledger.journal import Journal, journal_base, replay, replay_segment
+from proxy.ledger.journal import Journal, journal_base
 from proxy.ledger.pricing import from_nano
+from proxy.ledger.replay import replay, replay_segment
 from proxy.ledger.rows import LedgerEntry, Pricer
 from proxy.ledger.spill import append_spill, import_spill
 from proxy.ledger.store import RowsRejected, Store, StoreError, StoreUnusable
