@@ -23,10 +23,11 @@ from proxy.config import Config
 from proxy.ledger.engine import store_for
 from proxy.ledger.journal import Journal, journal_base
 from proxy.ledger.pricing import from_nano
-from proxy.ledger.replay import replay, replay_segment
+from proxy.ledger.replay import replay_segment
 from proxy.ledger.rows import LedgerEntry, Pricer
-from proxy.ledger.spill import append_spill, import_spill
-from proxy.ledger.store import RowsRejected, Store, StoreError, StoreUnusable
+from proxy.ledger.spill import append_spill
+from proxy.ledger.startup import import_at_start, open_store, replay_at_start
+from proxy.ledger.store import RowsRejected, Store, StoreError
 from proxy.records import CallRecord
 
 log = logging.getLogger("proxy.ledger")
@@ -138,48 +139,18 @@ class Ledger:
         if self._task is not None:
             return
         try:
-            await self._open(retry_delays=self._start_retry_delays if required else ())
+            await open_store(self.store, self._start_retry_delays if required else ())
         except StoreError as e:
             if required:
                 raise
             log.error("ledger: cannot open %s: %s; requests will be spilled until it can be", self.store.location, e)
         else:
-            await self._replay_at_start(required=required)
-            await self._import_at_start()
+            self._imported += await replay_at_start(self.store, self.journal_path, self._batch_size, required=required)
+            self._imported += await import_at_start(self.store, self._batch_size)
         self._journal = Journal(self.journal_path)
         self._journal.open()
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
         self._task.add_done_callback(_log_crash)
-
-    async def _open(self, *, retry_delays: Sequence[float]) -> None:
-        for delay in retry_delays:
-            try:
-                await self.store.open()
-                return
-            except StoreUnusable:
-                raise
-            except StoreError as e:
-                log.warning("ledger: cannot open %s yet: %s; retrying in %g s", self.store.location, e, delay)
-                await asyncio.sleep(delay)
-        await self.store.open()
-
-    async def _replay_at_start(self, *, required: bool) -> None:
-        try:
-            result = await replay(self.store, self.journal_path, batch_size=self._batch_size)
-        except (StoreError, OSError) as e:
-            if required:  # its calls' spend is not in the store: budgets would count too little
-                raise StoreError(f"cannot replay the journal {self.journal_path}.*: {e}") from e
-            log.error("ledger: cannot replay the journal %s.* yet: %s; kept for the next start", self.journal_path, e)
-            return
-        self._imported += result.replayed
-
-    async def _import_at_start(self) -> None:
-        try:
-            result = await import_spill(self.store, batch_size=self._batch_size)
-        except (StoreError, OSError) as e:
-            log.error("ledger: cannot import spill file %s yet: %s", self.spill_path, e)
-            return
-        self._imported += result.imported
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is written (or spilled)."""
