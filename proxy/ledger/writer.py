@@ -232,11 +232,7 @@ class Ledger:
     async def _drain(self, *, lingering: bool = False) -> None:
         """Write what is queued, batch after batch. `lingering` (the writer task): stop once less
         than a batch is left, so that the next batch waits for more rows first."""
-        first = True
         while self._queue:
-            if lingering and not first and len(self._queue) < self._batch_size and not self._closing:
-                return
-            first = False
             if self._journal is not None:
                 self._journal.rotate()
             n = min(len(self._queue), self._batch_size)
@@ -249,6 +245,8 @@ class Ledger:
                 if self._closing:
                     return
                 await asyncio.sleep(self._hold_retry_seconds)
+            if lingering and len(self._queue) < self._batch_size and not self._closing:
+                return
 
     async def _write_batch(self, batch: list[LedgerEntry]) -> bool:
         """Write (or spill) the batch; False when it could only be held in memory."""
