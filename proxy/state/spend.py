@@ -116,7 +116,7 @@ class SharedSpend:
             self.caps[key.name] = key.daily_usd
         limits = self.budget.limits()
         hold = f"{self.link.proc_id}:{next(self.ids)}"
-        keys = [*self._spend_keys(at), self.link.key("holds"), self.link.key("holds", "expiry")]
+        keys = [*self._spend_keys(at), *self._hold_keys()]
         args = [hold, to_nano(amount), client, cap]
         args += [-1 if limits[w] is None else to_nano(limits[w]) for w in WINDOWS]  # type: ignore[arg-type]
         args.append(int(self.link.spec.hold_seconds * 1000))
@@ -165,8 +165,7 @@ class SharedSpend:
                 continue  # a hold: it expires in Redis, and the local state never had it
             try:
                 if op.hold is not None:
-                    keys = [self.link.key("holds"), self.link.key("holds", "expiry")]
-                    await self.link.run(self._set_holds, keys, [op.hold, op.amount])
+                    await self.link.run(self._set_holds, self._hold_keys(), [op.hold, op.amount])
                 else:
                     await self._push(op)
             except (Down, StoreError) as e:  # StoreError: the ledger could not seed a counter
@@ -242,13 +241,14 @@ class SharedSpend:
     async def _resync(self) -> None:
         """Before the link is up again: what was recorded while it was down reaches Redis once, and
         the holds made meanwhile (still in flight) are held there too, as one aggregate hold."""
+        now = datetime.now(UTC).timestamp()
         if self.budget.reserved > 0:
             hold = [self._local_hold, to_nano(self.budget.reserved), "", -1, -1, -1, -1]
-            keys = [*self._spend_keys(datetime.now(UTC).timestamp()), *self._hold_keys()]
-            await self._seed(datetime.now(UTC).timestamp())
+            keys = [*self._spend_keys(now), *self._hold_keys()]
+            await self._seed(now)
             await self.link.run(self._reserve, keys, [*hold, int(self.link.spec.hold_seconds * 1000)])
         if self.unsynced:
-            daily = self._spend_keys(datetime.now(UTC).timestamp())[0]
+            daily = self._spend_keys(now)[0]
             kept = await self.link.call(lambda: self.link.client.exists(daily))
             if kept:  # Redis kept its counters: add ours; else the ledger seeds them, ours included
                 while self.unsynced:
