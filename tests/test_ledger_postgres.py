@@ -16,12 +16,13 @@ import asyncpg
 import pytest
 
 from proxy.config import ConfigError, build_config
+from proxy.config.urls import redact
 from proxy.ledger import Ledger, Pricer, SqliteStore
 from proxy.ledger.copy import copy_ledger, copy_main
 from proxy.ledger.engine import store_for
 from proxy.ledger.migrations import MIGRATIONS
 from proxy.ledger.pg_migrations import PG_MIGRATIONS
-from proxy.ledger.postgres import PostgresStore, redact
+from proxy.ledger.postgres import PostgresStore
 from proxy.ledger.store import RowsRejected, StoreError, StoreUnusable
 from proxy.records import AttemptOutcome, CallRecord, Outcome, Usage
 from tests.support.endpoints import endpoint_calls

@@ -4,6 +4,7 @@
 - `strategic_planner.py`: the original system's block, mapped onto those shapes
 - `load.py`: reading, validating and resolving (environment variables, names, prices)
 - `origins.py`: `server.cors`'s origins, checked and normalised
+- `urls.py`: passwords in the config's URLs (ledger.url, state.url, http_proxy)
 - `resolved.py`: the frozen types every other part reads
 """
 

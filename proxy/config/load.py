@@ -24,6 +24,7 @@ from proxy.config.origins import cors_policy
 from proxy.config.resolved import ClientKey, Config, Cors, Price, Tier, Transport, held_back
 from proxy.config.schema import HELD_BACK_HEADERS, AuthSpec, FileSpec, LedgerSpec, PriceSpec, TierSpec
 from proxy.config.strategic_planner import PLANNER_KEYS, apply_planner_block
+from proxy.config.urls import url_password
 from proxy.gateway.redact import Redactor
 from proxy.records import Api
 
@@ -154,9 +155,9 @@ def _resolve(spec: FileSpec, source: str, env: Mapping[str, str]) -> Config:
         raise ConfigError(f"{source}: {e}") from None
     warnings += mapped_to_unusable(names, {t.id for t in tiers if t.usable})
     ledger_password = _ledger_password(source, spec.ledger, env)
-    secrets = [t.api_key for t in tiers] + [_password(t.transport.http_proxy) for t in tiers]
+    secrets = [t.api_key for t in tiers] + [url_password(t.transport.http_proxy) for t in tiers]
     secrets.append(_state(source, spec))
-    secrets += [ledger_password, _password(spec.ledger.url)]
+    secrets += [ledger_password, url_password(spec.ledger.url)]
     client_keys = _client_keys(source, spec.auth, env, warnings, secrets)
     return Config(
         source=source,
@@ -303,11 +304,6 @@ def _state(source: str, spec: FileSpec) -> str | None:
     if st.hold_seconds <= spec.retries.request_deadline_seconds:
         raise ConfigError(f"{source}: state.hold_seconds must be above retries.request_deadline_seconds")
     return parts.password
-
-
-def _password(url: str | None) -> str | None:
-    """A proxy URL's password is a secret like the keys: redacted wherever an upstream echoes it."""
-    return None if url is None else urlsplit(url).password
 
 
 def _check_url(source: str, tier_id: str, url: str) -> None:

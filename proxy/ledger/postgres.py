@@ -16,11 +16,11 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import orjson
 
+from proxy.config.urls import redact
 from proxy.ledger import pg_sql
 from proxy.ledger.pg_migrations import Conn, migrate
 from proxy.ledger.pricing import from_nano
@@ -57,18 +57,6 @@ _TRANSIENT = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.Ti
 
 def is_postgres_url(target: str | Path) -> bool:
     return isinstance(target, str) and target.split(":", 1)[0].lower() in _URL_SCHEMES
-
-
-def redact(url: str) -> str:
-    """The URL without its password (in the user part or a `password=` parameter), for messages."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}@{host}" if user else host
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k.lower() != "password"])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def store_error(e: BaseException) -> StoreError:

@@ -19,9 +19,10 @@ from typing import Any, Protocol
 import aiosqlite
 import asyncpg
 
+from proxy.config.urls import redact
 from proxy.ledger import pg_migrations
 from proxy.ledger.migrations import pending
-from proxy.ledger.postgres import CONNECT_TIMEOUT, PostgresStore, is_postgres_url, read_snapshot, redact, store_error
+from proxy.ledger.postgres import CONNECT_TIMEOUT, PostgresStore, is_postgres_url, read_snapshot, store_error
 from proxy.ledger.report_sql import Query, for_sqlite
 from proxy.ledger.sqlite import SqliteStore, open_db
 from proxy.ledger.store import Store, StoreError

@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 
 from proxy.config import Config, Transport
 from proxy.config.names import TierNames, describe_names
+from proxy.config.urls import redact
 from proxy.gateway.routing import RouteHints, make_plan
 
 
@@ -60,8 +61,6 @@ def describe(config: Config) -> str:
 
 
 def _storage(config: Config) -> list[str]:
-    from proxy.ledger.postgres import redact  # for URLs of both kinds; asyncpg only for `check`
-
     led, st = config.ledger, config.state
     if led.url is None:
         ledger = f"ledger: {led.path} (SQLite)"

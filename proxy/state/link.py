@@ -27,6 +27,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from proxy.config import StateSpec
+from proxy.config.urls import redact
 
 log = logging.getLogger("proxy.state")
 
@@ -108,7 +109,7 @@ class RedisLink:
         log.error(
             "state: Redis at %s is unreachable (%s): this process now keeps breakers, budgets and client "
             "limits itself until Redis answers; retrying every %gs",
-            _safe(self.url),
+            redact(self.url),
             self.error,
             self.spec.reconnect_seconds,
         )
@@ -123,7 +124,7 @@ class RedisLink:
             log.error(
                 "state: Redis at %s is unreachable at start (%s): serving with this process's own state "
                 "until it answers",
-                _safe(self.url),
+                redact(self.url),
                 self.error,
             )
             self.fallbacks += 1
@@ -183,7 +184,7 @@ class RedisLink:
             if not self.up:
                 await self._connect()
                 if self.up:
-                    log.warning("state: Redis at %s answers again: shared state rejoined", _safe(self.url))
+                    log.warning("state: Redis at %s answers again: shared state rejoined", redact(self.url))
                 continue
             try:
                 async with asyncio.timeout(self.timeout):
@@ -212,11 +213,3 @@ def _describe(e: BaseException) -> str:
     if isinstance(e, TimeoutError) and not str(e):
         return "no answer within state.timeout_ms"
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
-def _safe(url: str) -> str:
-    """The url without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
